@@ -1,0 +1,301 @@
+"""Mixture-of-Experts feed-forward layer: router, balancing losses, dropless expert dispatch.
+
+Shape legend (suffixes on tensor names):
+    N  tokens (batch and time flattened)      D  model width (n_embd)
+    E  routed experts                          K  experts chosen per token (top_k)
+    H  expert hidden width                     A  token->expert assignments kept (<= N*K)
+
+Flow: the router scores every token against every expert (in fp32), picks K experts per token and
+their gate weights; the dispatcher sorts the N*K assignments by expert so each expert's tokens are
+one contiguous slice, runs every expert on its slice with one matrix product per weight matrix, and
+scatters the weighted results back to token order. No Python loop ever runs over tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def ffn_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """Hidden activation of a feed-forward net. For swiglu, `h` holds [gate | up] halves."""
+    if kind == "relu":
+        return F.relu(h)
+    if kind == "gelu":
+        return F.gelu(h, approximate="tanh")
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass
+class RouterOutput:
+    expert_indices_NK: torch.Tensor  # int64, chosen experts, best first
+    expert_weights_NK: torch.Tensor  # fp32 gate weight of each chosen expert
+    router_probs_NE: torch.Tensor  # fp32 softmax over all experts (used by the balancing loss)
+    router_logits_NE: torch.Tensor  # fp32 clean logits, before noise (used by the z-loss)
+
+
+@dataclass
+class MoEStats:
+    """Auxiliary outputs of one MoE layer, returned explicitly so losses and analysis live outside."""
+
+    load_balance_loss: torch.Tensor  # scalar, Switch Transformer eq. 4 (1.0 when perfectly uniform)
+    z_loss: torch.Tensor  # scalar, ST-MoE eq. 5
+    tokens_per_expert: torch.Tensor  # (E,) assignments each expert was chosen for (before dropping)
+    router_probs: torch.Tensor  # (N, E) fp32
+    expert_indices: torch.Tensor  # (N, K) int64
+    dropped_fraction: torch.Tensor  # scalar: assignments dropped by the capacity limit / (N*K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Balancing losses (standalone so they can be tested against their formulas)
+
+
+def load_balance_loss(router_probs_NE: torch.Tensor, expert_indices_NK: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer auxiliary loss (Fedus et al. 2021, eqs. 4-6), generalized to top-k.
+
+    loss = E * sum_i f_i * P_i, with f_i the fraction of the N*K assignments sent to expert i and
+    P_i the mean router probability of expert i. Equals 1.0 for perfectly uniform routing and grows
+    with imbalance; gradients flow through P only (f is a count).
+    """
+    n_experts = router_probs_NE.shape[-1]
+    counts_E = torch.bincount(expert_indices_NK.reshape(-1), minlength=n_experts)
+    f_E = counts_E.to(router_probs_NE.dtype) / expert_indices_NK.numel()
+    p_E = router_probs_NE.mean(dim=0)
+    return n_experts * torch.sum(f_E * p_E)
+
+
+def router_z_loss(router_logits_NE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2.
+
+    Penalizes large router logits, which make the fp32 softmax (and bf16 training) unstable.
+    """
+    return torch.logsumexp(router_logits_NE, dim=-1).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Router
+
+
+class Router(nn.Module):
+    """Scores tokens against experts and picks the top-k.
+
+    - "noisy_topk" (Shazeer et al. 2017, eqs. 3-5): H = x W_g + N(0,1) * softplus(x W_noise), noise
+      only in training; gates = softmax over the K kept logits.
+    - "topk" (Mixtral): softmax over all experts, keep K, renormalize the kept probabilities.
+    - "switch" (Fedus et al. 2021): softmax over all experts, keep K (1 by default), gates are the
+      raw probabilities (not renormalized), so top-1 routing still trains the router.
+
+    `selection_bias` implements DeepSeek-V3's auxiliary-loss-free balancing: it is added to the
+    scores only to choose experts, never to the gate weights, and is nudged by
+    `update_selection_bias` after each optimizer step (a buffer, not a parameter).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.router
+        self.top_k = config.top_k
+        self.n_experts = config.n_experts
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.noise = nn.Linear(config.n_embd, config.n_experts, bias=False) if self.kind == "noisy_topk" else None
+        self.register_buffer("selection_bias", torch.zeros(config.n_experts), persistent=True)
+
+    def forward(self, x_ND: torch.Tensor) -> RouterOutput:
+        # Router math in fp32: routing decisions hinge on small logit differences that bf16 rounds away.
+        with torch.autocast(device_type=x_ND.device.type, enabled=False):
+            x_ND = x_ND.float()
+            logits_NE = F.linear(x_ND, self.gate.weight.float())
+            if self.kind == "noisy_topk":
+                scores_NE = logits_NE
+                if self.training:
+                    noise_std_NE = F.softplus(F.linear(x_ND, self.noise.weight.float()))
+                    scores_NE = logits_NE + torch.randn_like(logits_NE) * noise_std_NE
+                probs_NE = F.softmax(scores_NE, dim=-1)
+            else:
+                probs_NE = F.softmax(logits_NE, dim=-1)
+                scores_NE = probs_NE
+
+            _, indices_NK = torch.topk(scores_NE + self.selection_bias, self.top_k, dim=-1)
+            if self.kind == "noisy_topk":
+                weights_NK = F.softmax(scores_NE.gather(-1, indices_NK), dim=-1)
+            else:
+                weights_NK = probs_NE.gather(-1, indices_NK)
+                if self.kind == "topk":
+                    weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+        return RouterOutput(indices_NK, weights_NK, probs_NE, logits_NE)
+
+    @torch.no_grad()
+    def update_selection_bias(self, tokens_per_expert_E: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3 (Liu et al. 2024, sec. 2.1.2): raise the bias of under-loaded experts and lower
+        it for over-loaded ones by a fixed step `rate`."""
+        load_E = tokens_per_expert_E.float()
+        self.selection_bias.add_(rate * torch.sign(load_E.mean() - load_E))
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts: weights stacked as (E, D, H) tensors so all experts share one parameter per matrix.
+
+
+class GroupedExperts(nn.Module):
+    """E independent feed-forward nets with stacked weights.
+
+    w_in:  (E, D, H) for relu/gelu, (E, D, 2H) for swiglu ([gate | up])
+    w_out: (E, H, D)
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, activation: str, bias: bool):
+        super().__init__()
+        self.activation = activation
+        in_width = 2 * hidden if activation == "swiglu" else hidden
+        self.w_in = nn.Parameter(torch.empty(n_experts, dim, in_width))
+        self.w_out = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.b_in = nn.Parameter(torch.empty(n_experts, in_width)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(n_experts, dim)) if bias else None
+
+    def forward(self, x_AD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """Run expert e on rows [offset_e, offset_e + tokens_per_expert[e]) of the expert-sorted x."""
+        outputs = [
+            self.expert_forward(x_e, e)
+            for e, x_e in enumerate(torch.split(x_AD, tokens_per_expert))  # a loop over E experts, not tokens
+            if x_e.shape[0] > 0
+        ]
+        if not outputs:
+            return x_AD.new_zeros(0, self.w_out.shape[-1])
+        return torch.cat(outputs, dim=0)
+
+    def expert_forward(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e applied to every row of x."""
+        h = x_ND @ self.w_in[e]
+        if self.b_in is not None:
+            h = h + self.b_in[e]
+        y = ffn_activation(h, self.activation) @ self.w_out[e]
+        if self.b_out is not None:
+            y = y + self.b_out[e]
+        return y
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE layer
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int | None:
+    """Most assignments one expert accepts (GShard / Switch): ceil(cf * N * K / E). None = dropless."""
+    if capacity_factor <= 0:
+        return None
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+class MoEFeedForward(nn.Module):
+    """Routed experts (+ optional always-on shared experts) replacing a dense feed-forward."""
+
+    def __init__(self, config: ModelConfig, shared_expert: nn.Module | None = None):
+        super().__init__()
+        self.n_experts = config.n_experts
+        self.top_k = config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.router_bias_update_rate = config.router_bias_update_rate
+        self.router = Router(config)
+        self.experts = GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden, config.ffn, config.bias)
+        self.shared_expert = shared_expert  # DeepSeekMoE: a dense FFN every token goes through
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        routing = self.router(x_ND)
+        out_ND, n_kept = dispatch_and_combine(
+            x_ND,
+            routing.expert_indices_NK,
+            routing.expert_weights_NK,
+            self.experts,
+            expert_capacity(B * T, self.top_k, self.n_experts, self.capacity_factor),
+        )
+        if self.shared_expert is not None:
+            out_ND = out_ND + self.shared_expert(x_ND)
+        n_assignments = routing.expert_indices_NK.numel()
+        stats = MoEStats(
+            load_balance_loss=load_balance_loss(routing.router_probs_NE, routing.expert_indices_NK),
+            z_loss=router_z_loss(routing.router_logits_NE),
+            tokens_per_expert=torch.bincount(routing.expert_indices_NK.reshape(-1), minlength=self.n_experts),
+            router_probs=routing.router_probs_NE,
+            expert_indices=routing.expert_indices_NK,
+            dropped_fraction=torch.tensor((n_assignments - n_kept) / n_assignments, device=x_BTD.device),
+        )
+        return out_ND.reshape(B, T, D), stats
+
+    def update_selection_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        if self.router_bias_update_rate > 0:
+            self.router.update_selection_bias(tokens_per_expert_E, self.router_bias_update_rate)
+
+
+def dispatch_and_combine(
+    x_ND: torch.Tensor,
+    expert_indices_NK: torch.Tensor,
+    expert_weights_NK: torch.Tensor,
+    experts: GroupedExperts,
+    capacity: int | None,
+) -> tuple[torch.Tensor, int]:
+    """Sort assignments by expert, run each expert on its contiguous slice, scatter back weighted.
+
+    Returns the combined output (N, D) and the number of assignments kept (N*K when dropless).
+    With a capacity, first choices of all tokens outrank second choices (GShard), and within a rank
+    earlier tokens win; assignments past an expert's capacity contribute nothing (the residual
+    connection carries the token through unchanged).
+    """
+    N, K = expert_indices_NK.shape
+    n_experts = experts.w_in.shape[0]
+    # k-major order (all first choices, then all second choices) so a stable sort gives first
+    # choices priority within each expert's slice.
+    flat_expert = expert_indices_NK.t().reshape(-1)  # (N*K,)
+    order = torch.argsort(flat_expert, stable=True)
+    tokens_per_expert_E = torch.bincount(flat_expert, minlength=n_experts)
+    token_A = order % N
+    weight_A = expert_weights_NK.t().reshape(-1)[order]
+
+    if capacity is not None:
+        starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_E.repeat_interleave(
+            tokens_per_expert_E
+        )
+        keep = rank_in_expert < capacity
+        token_A, weight_A = token_A[keep], weight_A[keep]
+        tokens_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
+
+    x_AD = x_ND[token_A]
+    y_AD = experts(x_AD, tokens_per_expert_E.tolist())
+    y_AD = y_AD * weight_A.to(y_AD.dtype).unsqueeze(-1)
+    out_ND = torch.zeros(N, y_AD.shape[-1], dtype=y_AD.dtype, device=x_ND.device)
+    out_ND.index_add_(0, token_A, y_AD)
+    return out_ND, token_A.numel()
+
+
+def moe_forward_reference(layer: MoEFeedForward, x_BTD: torch.Tensor) -> torch.Tensor:
+    """Plain per-expert loop with boolean masks: slow, obviously correct; tests pin the fast path to it.
+
+    Routing is recomputed by `layer.router`, so call both paths in eval mode (or with the same RNG
+    state) when the router is noisy.
+    """
+    B, T, D = x_BTD.shape
+    x_ND = x_BTD.reshape(B * T, D)
+    routing = layer.router(x_ND)
+    capacity = expert_capacity(B * T, layer.top_k, layer.n_experts, layer.capacity_factor)
+    out_ND = torch.zeros_like(x_ND)
+    for e in range(layer.n_experts):
+        # (token, k) pairs routed to e, first choices before second choices, as in the fast path
+        pairs = [(n, k) for k in range(layer.top_k) for n in torch.nonzero(routing.expert_indices_NK[:, k] == e).flatten().tolist()]
+        if capacity is not None:
+            pairs = pairs[:capacity]
+        if not pairs:
+            continue
+        tokens = torch.tensor([n for n, _ in pairs], device=x_ND.device)
+        ranks = torch.tensor([k for _, k in pairs], device=x_ND.device)
+        y = layer.experts.expert_forward(x_ND[tokens], e)
+        out_ND = out_ND.index_add(0, tokens, routing.expert_weights_NK[tokens, ranks].unsqueeze(-1) * y)
+    if layer.shared_expert is not None:
+        out_ND = out_ND + layer.shared_expert(x_ND)
+    return out_ND.reshape(B, T, D)

@@ -1,0 +1,92 @@
+"""Named model configurations. Any field can be overridden: `get_preset("tiny-moe", n_layer=4)` or
+`--set n_layer=4` on the command line. `nanomoe params --preset NAME` shows what each one costs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+# The modern recipe (Llama / Mixtral): rotary positions, RMSNorm, SwiGLU, no biases.
+MODERN = dict(position="rope", norm="rmsnorm", ffn="swiglu", bias=False)
+# The first seed's recipe (nanoGPT): learned positions, LayerNorm, 4x ReLU MLP, biases.
+CLASSIC = dict(position="learned", norm="layernorm", ffn="relu", bias=True)
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    fields: dict[str, Any]
+
+
+PRESETS: dict[str, Preset] = {
+    "debug": Preset(
+        "tiny MoE for tests: 2 layers, 4 experts, top-2",
+        dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64, n_experts=4, top_k=2,
+             expert_hidden=128, aux_loss_coef=0.01, **MODERN),
+    ),
+    "debug-dense": Preset(
+        "tiny dense model for tests",
+        dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64, ffn_hidden=256, **MODERN),
+    ),
+    "seed-dense": Preset(
+        "the first seed's standard NanoGPT (~10M parameters)",
+        dict(vocab_size=2048, block_size=1080, n_layer=8, n_head=8, n_embd=288, dropout=0.1, **CLASSIC),
+    ),
+    "seed-moe": Preset(
+        "the first seed's trained MoE: 12 layers, 8 experts, top-2 noisy gating (see docs/seed-moe.md)",
+        dict(vocab_size=2048, block_size=1080, n_layer=12, n_head=8, n_embd=256, dropout=0.1,
+             n_experts=8, top_k=2, router="noisy_topk", aux_loss_coef=0.01, **CLASSIC),
+    ),
+    "seed-dense-modern": Preset(
+        "seed-dense with rope + rmsnorm + swiglu",
+        dict(vocab_size=2048, block_size=1080, n_layer=8, n_head=8, n_embd=288, ffn_hidden=768, dropout=0.1,
+             **MODERN),
+    ),
+    "seed-moe-modern": Preset(
+        "seed-moe with rope + rmsnorm + swiglu experts and a Mixtral top-2 router",
+        dict(vocab_size=2048, block_size=1080, n_layer=12, n_head=8, n_embd=256, dropout=0.1, n_experts=8,
+             top_k=2, expert_hidden=683, router="topk", aux_loss_coef=0.01, **MODERN),
+    ),
+    "tiny-moe": Preset(
+        "default TinyStories MoE for a laptop CPU: 6 layers, 8 experts of which 2 active",
+        dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, n_experts=8, top_k=2,
+             expert_hidden=512, router="topk", aux_loss_coef=0.01, z_loss_coef=0.001, **MODERN),
+    ),
+    "tiny-dense": Preset(
+        "dense twin of tiny-moe: same active parameters per token (hidden = top_k * expert_hidden)",
+        dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, ffn_hidden=1024, **MODERN),
+    ),
+    "tiny-moe-switch": Preset(
+        "tiny-moe with Switch top-1 routing and 8 experts twice as wide (same active FLOPs)",
+        dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, n_experts=8, top_k=1,
+             expert_hidden=1024, router="switch", aux_loss_coef=0.01, z_loss_coef=0.001, **MODERN),
+    ),
+    "tiny-moe-classic": Preset(
+        "tiny-moe in the seed's style: learned positions, LayerNorm, ReLU experts, noisy top-2 gating",
+        dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, n_experts=8, top_k=2,
+             expert_hidden=512, router="noisy_topk", aux_loss_coef=0.01, **CLASSIC),
+    ),
+    "tiny-llama": Preset(
+        "dense Llama-style model of llama2.c's stories15M shape (6 x 288, SwiGLU 768) with a 2048 vocab",
+        dict(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=288, ffn_hidden=768, **MODERN),
+    ),
+    "moe-3b": Preset(
+        "~3B-parameter MoE (the second seed's target): 24 layers, 8 experts top-2, GQA; ~1B active",
+        dict(vocab_size=32000, block_size=2048, n_layer=24, n_head=16, n_kv_head=4, n_embd=2048, n_experts=8,
+             top_k=2, expert_hidden=2240, router="topk", aux_loss_coef=0.01, z_loss_coef=0.001, **MODERN),
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named config with `overrides` applied (validated as a whole)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name].fields, **overrides})
