@@ -1,0 +1,32 @@
+"""`nanomoe bench moe|train|generate`: benchmarks are scripts that print numbers (JSON with --json)."""
+
+from __future__ import annotations
+
+import importlib
+
+from . import add_command
+
+# each module nanomoe.bench.<name> defines register(subparsers) for `nanomoe bench <name>`
+BENCHMARKS = ["moe", "train", "generate", "prepare"]
+
+
+def cmd_bench(args) -> int:
+    """Run a benchmark: `nanomoe bench moe`, `nanomoe bench train`, `nanomoe bench generate`.
+
+    Each prints a table, or one JSON object with --json. Run with nothing else on the machine."""
+    args.bench_parser.print_help()
+    return 2
+
+
+def register(subparsers) -> None:
+    parser = add_command(subparsers, "bench", cmd_bench)
+    parser.set_defaults(bench_parser=parser)
+    bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name in BENCHMARKS:
+        try:
+            module = importlib.import_module(f"nanomoe.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"nanomoe.bench.{name}":  # not written yet
+                continue
+            raise
+        module.register(bench_sub)
