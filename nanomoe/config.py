@@ -155,7 +155,9 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "ModelConfig":
-        text = Path(path_or_text).read_text() if Path(str(path_or_text)).exists() else str(path_or_text)
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -239,6 +241,56 @@ def field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON config file into a dict (format chosen by the file extension)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+            return data or {}
+        if path.suffix == ".json":
+            return json.loads(text)
+    except Exception as e:  # parse errors of any of the three formats
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+
+
+def resolve_model_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> ModelConfig:
+    """Preset, then the `[model]` section of a config file (or a bare model JSON such as a
+    checkpoint's model.json), then `--set key=value` overrides, each on top of the previous."""
+    from .presets import PRESETS
+
+    fields: dict[str, Any] = {}
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        file_data = load_config_file(config_file)
+        preset = preset or file_data.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        fields.update(PRESETS[preset].fields)
+    if file_data:
+        model_section = file_data.get("model", None)
+        if model_section is None and "n_layer" in file_data:  # a bare model config
+            model_section = file_data
+        fields.update(model_section or {})
+    fields.update(parse_overrides(ModelConfig, overrides))
+    if not fields:
+        raise ConfigError("no model given: pass --preset NAME (see `nanomoe params --list`) or --config FILE")
+    return ModelConfig.from_dict(fields)
+
+
 __all__ = [
     "ModelConfig",
     "POSITIONS",
@@ -249,4 +301,6 @@ __all__ = [
     "parse_value",
     "parse_overrides",
     "field_names",
+    "load_config_file",
+    "resolve_model_config",
 ]

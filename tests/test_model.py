@@ -1,0 +1,149 @@
+"""GPT model behaviour: causality, loss masking, KV cache, MoE outputs, meta-device init."""
+
+import pytest
+import torch
+
+from nanomoe.model import GPT, IGNORE_INDEX, KVCache
+from nanomoe.presets import get_preset
+
+ARCHITECTURES = [
+    dict(),  # debug: rope, rmsnorm, swiglu, topk MoE
+    dict(position="learned", norm="layernorm", ffn="relu", bias=True, router="noisy_topk"),
+    dict(ffn="gelu", router="switch", top_k=1, n_kv_head=2, n_shared_experts=1, moe_every=2),
+    dict(n_experts=0),
+]
+
+
+@pytest.mark.parametrize("changes", ARCHITECTURES)
+def test_changing_a_later_token_leaves_earlier_logits_unchanged(changes):
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug", **changes)).eval()
+    idx = torch.randint(0, 512, (2, 24))
+    t = 10
+    changed = idx.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % 512
+    with torch.no_grad():
+        a, b = model(idx).logits, model(changed).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+def test_padding_targets_never_count_in_the_loss():
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug")).eval()
+    idx = torch.randint(0, 512, (2, 16))
+    targets = torch.randint(0, 512, (2, 16))
+    padded = targets.clone()
+    padded[:, 10:] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(idx, padded)
+        logits = out.logits[:, :10].reshape(-1, 512)
+        expected = torch.nn.functional.cross_entropy(logits, targets[:, :10].reshape(-1))
+    assert out.n_loss_tokens.item() == 20
+    torch.testing.assert_close(out.loss, expected)
+    # whatever the padded positions hold, the loss is the same
+    other = padded.clone()
+    idx2 = idx.clone()
+    idx2[:, 11:] = 7  # later inputs cannot change earlier predictions either
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx2, other).loss, out.loss)
+
+
+def test_all_padding_batch_gives_zero_loss_not_nan():
+    model = GPT(get_preset("debug"))
+    idx = torch.randint(0, 512, (1, 8))
+    out = model(idx, torch.full_like(idx, IGNORE_INDEX))
+    assert out.loss.item() == 0.0 and out.n_loss_tokens.item() == 0
+    out.loss.backward()  # still differentiable
+
+
+@pytest.mark.parametrize("changes", ARCHITECTURES)
+def test_kv_cache_prefill_then_decode_equals_full_forward(changes):
+    torch.manual_seed(0)
+    cfg = get_preset("debug", **changes)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = KVCache(cfg, batch_size=2)
+        steps = [model(idx[:, :12], kv_cache=cache, start_pos=0).logits]
+        steps.append(model(idx[:, 12:15], kv_cache=cache, start_pos=12).logits)  # a multi-token chunk
+        for t in range(15, 20):
+            steps.append(model(idx[:, t : t + 1], kv_cache=cache, start_pos=t).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_forward_rejects_sequences_longer_than_block_size():
+    model = GPT(get_preset("debug"))
+    with pytest.raises(ValueError, match="exceeds block_size 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_moe_outputs_one_stats_entry_per_moe_layer_and_aux_loss_uses_coefficients():
+    cfg = get_preset("debug", n_layer=4, moe_every=2, aux_loss_coef=0.5, z_loss_coef=0.25)
+    model = GPT(cfg)
+    out = model(torch.randint(0, 512, (2, 8)))
+    assert len(out.moe) == 2 == len(cfg.moe_layers) and cfg.moe_layers == [1, 3]
+    expected = sum(0.5 * s.load_balance_loss + 0.25 * s.z_loss for s in out.moe)
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert GPT(get_preset("debug-dense"))(torch.zeros(1, 4, dtype=torch.long)).aux_loss.item() == 0.0
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    cfg = get_preset("debug", router="noisy_topk", n_shared_experts=1, bias=True, position="learned",
+                     norm="layernorm", z_loss_coef=0.01)
+    model = GPT(cfg).train()
+    idx = torch.randint(0, 512, (4, 32))
+    out = model(idx, idx)
+    (out.loss + out.aux_loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug-dense", dropout=0.5))
+    idx = torch.randint(0, 512, (1, 16))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, model(idx).logits)
+        model.train()
+        assert not torch.equal(model(idx).logits, model(idx).logits)
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = GPT(get_preset("debug", tie_embeddings=True))
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.num_params() == GPT(get_preset("debug")).num_params() - 512 * 64
+
+
+def test_meta_device_build_then_materialize_matches_a_normal_build():
+    cfg = get_preset("debug")
+    with torch.device("meta"):
+        meta_model = GPT(cfg)
+    assert all(p.is_meta for p in meta_model.parameters())
+    meta_model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    meta_model.init_weights()
+    torch.manual_seed(0)
+    normal = GPT(cfg)
+    # same init distribution, same RNG: same numbers; rope tables rebuilt
+    for (n1, p1), (n2, p2) in zip(meta_model.named_parameters(), normal.named_parameters()):
+        assert n1 == n2
+    torch.testing.assert_close(meta_model.rope_cos, normal.rope_cos)
+    idx = torch.randint(0, 512, (1, 8))
+    assert torch.isfinite(meta_model(idx).logits).all()
+
+
+def test_bf16_autocast_forward_backward_is_finite_and_close_to_fp32():
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug"))
+    idx = torch.randint(0, 512, (2, 32))
+    fp32 = model(idx, idx).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx, idx)
+    assert out.loss.dtype == torch.float32
+    assert abs(out.loss.item() - fp32.item()) < 0.05
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
