@@ -1,0 +1,453 @@
+"""`prepare_data`: documents in, token files out.
+
+A data dir holds
+
+    train.bin, val.bin              token ids, uint16 (uint32 when the vocab has > 65536 tokens); every
+                                    document is followed by <|endoftext|>: doc0 EOT doc1 EOT ... docN EOT
+    train.docs.npy, val.docs.npy    int64 offset of the first token of every document (documents mode)
+    tokenizer.json                  the tokenizer that made them
+    meta.json                       counts, hashes and sizes; written last
+
+meta.json is the commit marker: a data dir is trusted only when meta.json exists and every file has
+the size it records. A run writes everything to hidden temporary files first and, only once all of
+them are complete, removes the old meta.json, renames the files into place and writes the new
+meta.json. So an interrupted or failed run never leaves a data dir that a later run or the trainer
+would trust, and a failed re-run leaves the previous data untouched.
+
+A run whose inputs (source fingerprint, tokenizer or tokenizer recipe, options) match the recorded
+`inputs_key` returns at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .sources import DEFAULT_BUILTIN_MB, Source, open_source, split_documents
+from .tokenizer import Tokenizer, check_vocab_size, load_tokenizer, train_bpe_tokenizer, train_word_tokenizer
+
+FORMAT = "nanomoe-data"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+META = "meta.json"
+TOKENIZER = "tokenizer.json"
+CHUNK_CHARS = 2_000_000  # documents are encoded in chunks of about this many characters
+_TMP_MARK = ".tmp-"
+
+
+@dataclass
+class PrepareResult:
+    data_dir: Path
+    meta: dict
+    skipped: bool  # True when the data dir was already up to date
+    seconds: float
+    source_bytes: int  # UTF-8 bytes of all documents encoded (0 when skipped)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.source_bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+def prepare_data(source: str | os.PathLike | Source, out_dir: str | os.PathLike, **options) -> Path:
+    """Tokenize `source` into `out_dir` (see `prepare` for the options); returns the data dir."""
+    return prepare(source, out_dir, **options).data_dir
+
+
+def prepare(
+    source: str | os.PathLike | Source,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
+    vocab_size: int = 2048,
+    tokenizer_kind: str = "bpe",
+    train_count: int | None = None,
+    val_count: int | None = None,
+    val_fraction: float = 0.05,
+    separator: str = "auto",
+    text_field: str = "text",
+    errors: str = "strict",
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+    workers: int | None = None,
+) -> PrepareResult:
+    """Tokenize `source` into `out_dir`, training a tokenizer on the train split when none is given.
+
+    source: anything `open_source` accepts (a path, "builtin", "hf:NAME", ...) or a Source.
+    tokenizer: a tokenizer file or object; None trains a `tokenizer_kind` one with `vocab_size` tokens.
+    train_count, val_count: keep only this many documents of each split.
+    val_fraction: share of documents held out for val when the source has no val split of its own.
+    separator: how .txt files separate documents: "auto", "eot", "blank" or "line".
+    overwrite: replace a data dir that holds data from a different tokenizer (else an error).
+    workers: processes for the word tokenizer (BPE always uses every core through `tokenizers`).
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    src = source if isinstance(source, Source) else open_source(
+        source, separator=separator, text_field=text_field, errors=errors, seed=seed
+    )
+    split_options = dict(val_fraction=val_fraction, train_count=train_count, val_count=val_count, seed=seed)
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    if tokenizer is None:
+        check_vocab_size(vocab_size, tokenizer_kind)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder for the data")
+
+    recipe = dict(
+        format_version=FORMAT_VERSION,
+        source=src.fingerprint(),
+        tokenizer=tokenizer.sha256 if tokenizer else dict(train=tokenizer_kind, vocab_size=vocab_size),
+        split=dict(split_options, val_fraction=None if src.has_splits else val_fraction),
+        separator=separator,
+        text_field=text_field,
+        errors=errors,
+    )
+    inputs_key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):  # two processes preparing the same dir (e.g. several ranks) take turns
+        existing = _trusted_meta(out)
+        if existing is not None and existing.get("inputs_key") == inputs_key:
+            return PrepareResult(out, existing, skipped=True, seconds=time.perf_counter() - t0, source_bytes=0)
+        if existing is not None and tokenizer is not None:
+            _check_same_tokenizer(out, existing, tokenizer, overwrite)
+        _remove_temporaries(out)
+
+        if tokenizer is None:
+            texts = (text for _, text in split_documents(src, only="train", **split_options))
+            if tokenizer_kind == "bpe":
+                tokenizer = train_bpe_tokenizer(texts, vocab_size, show_progress=progress)
+            else:
+                tokenizer = train_word_tokenizer(texts, vocab_size)
+            if existing is not None:
+                _check_same_tokenizer(out, existing, tokenizer, overwrite)
+
+        dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+        tmp = {name: out / f".{name}{_TMP_MARK}{os.getpid()}" for name in _file_names()}
+        try:
+            stats = _encode_source(src, split_options, tokenizer, dtype, tmp, progress, workers)
+            for split in SPLITS:
+                if stats[split]["documents"] == 0:
+                    raise DataError(_empty_split_message(split, src, val_fraction))
+            tokenizer.save(tmp[TOKENIZER])
+            meta = _make_meta(src, tokenizer, dtype, stats, inputs_key, split_options, separator, text_field,
+                              errors, {name: tmp[name].stat().st_size for name in tmp}, time.perf_counter() - t0)
+            # commit: untrust the old data, move the new files in, then write the marker
+            (out / META).unlink(missing_ok=True)
+            for name, path in tmp.items():
+                os.replace(path, out / name)
+            _write_json_atomic(out / META, meta)
+        finally:
+            for path in tmp.values():
+                path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    return PrepareResult(out, meta, skipped=False, seconds=seconds,
+                         source_bytes=sum(stats[s]["bytes"] for s in SPLITS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _file_names() -> list[str]:
+    return [f"{s}.bin" for s in SPLITS] + [f"{s}.docs.npy" for s in SPLITS] + [TOKENIZER]
+
+
+def _chunks(src: Source, split_options: dict) -> Iterator[tuple[str, list[str], int]]:
+    """(split, texts, utf-8 bytes) in chunks of about CHUNK_CHARS characters, in corpus order per split."""
+    buffers: dict[str, list[str]] = {s: [] for s in SPLITS}
+    chars = dict.fromkeys(SPLITS, 0)
+    for split, text in split_documents(src, **split_options):
+        buffers[split].append(text)
+        chars[split] += len(text)
+        if chars[split] >= CHUNK_CHARS:
+            yield split, buffers[split], _utf8_bytes(buffers[split])
+            buffers[split], chars[split] = [], 0
+    for split in SPLITS:
+        if buffers[split]:
+            yield split, buffers[split], _utf8_bytes(buffers[split])
+
+
+def _utf8_bytes(texts: list[str]) -> int:
+    # isascii() is O(1) on CPython strings, and most text is ASCII
+    return sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
+
+
+def _encode_source(src, split_options, tokenizer, dtype, tmp, progress, workers) -> dict[str, dict]:
+    from tqdm.auto import tqdm
+
+    eot = tokenizer.eot_id
+    stats = {s: dict(tokens=0, documents=0, bytes=0) for s in SPLITS}
+    doc_starts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    files = {s: open(tmp[f"{s}.bin"], "wb") for s in SPLITS}
+    bar = tqdm(total=src.total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
+    try:
+        for split, texts, ids_lists, n_bytes in _encoded(tokenizer, _chunks(src, split_options), workers):
+            lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists)) + 1  # + EOT
+            for ids in ids_lists:
+                ids.append(eot)
+            tokens = np.fromiter(itertools.chain.from_iterable(ids_lists), dtype=dtype, count=int(lengths.sum()))
+            s = stats[split]
+            doc_starts[split].append(s["tokens"] + np.cumsum(lengths) - lengths)
+            tokens.tofile(files[split])
+            s["tokens"] += len(tokens)
+            s["documents"] += len(texts)
+            s["bytes"] += n_bytes
+            bar.update(n_bytes)
+        for split in SPLITS:
+            files[split].flush()
+            os.fsync(files[split].fileno())
+            starts = np.concatenate(doc_starts[split]) if doc_starts[split] else np.zeros(0, np.int64)
+            with open(tmp[f"{split}.docs.npy"], "wb") as f:
+                np.save(f, starts.astype(np.int64), allow_pickle=False)
+            lengths = np.diff(np.append(starts, stats[split]["tokens"]))
+            stats[split]["max_document_tokens"] = int(lengths.max()) if len(lengths) else 0
+    finally:
+        bar.close()
+        for f in files.values():
+            f.close()
+    return stats
+
+
+def _encoded(tokenizer: Tokenizer, chunks, workers: int | None):
+    """(split, texts, ids_lists, n_bytes) for each chunk, in order."""
+    if tokenizer.kind == "bpe":  # `tokenizers` already spreads each batch over all cores
+        for split, texts, n_bytes in chunks:
+            yield split, texts, tokenizer.encode_batch(texts), n_bytes
+        return
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        for split, texts, n_bytes in chunks:
+            yield split, texts, tokenizer.encode_batch(texts), n_bytes
+        return
+    # the word tokenizer is pure Python: one process per core, a few chunks in flight, results in order
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                initargs=(tokenizer.to_json_str(),)) as pool:
+        pending = []
+        for split, texts, n_bytes in chunks:
+            pending.append((split, texts, n_bytes, pool.submit(_worker_encode, texts)))
+            if len(pending) >= 2 * workers:
+                split0, texts0, bytes0, future = pending.pop(0)
+                yield split0, texts0, future.result(), bytes0
+        for split0, texts0, bytes0, future in pending:
+            yield split0, texts0, future.result(), bytes0
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_json_str(tokenizer_json)
+
+
+def _worker_encode(texts: list[str]) -> list[list[int]]:
+    return _worker_tokenizer.encode_batch(texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# meta.json
+
+
+def _make_meta(src, tokenizer, dtype, stats, inputs_key, split_options, separator, text_field, errors,
+               file_sizes, seconds) -> dict:
+    from .. import __version__
+
+    splits = {}
+    for split in SPLITS:
+        s = stats[split]
+        splits[split] = dict(
+            tokens=s["tokens"],
+            documents=s["documents"],
+            bytes=s["bytes"],
+            bytes_per_token=s["bytes"] / s["tokens"],
+            mean_document_tokens=s["tokens"] / s["documents"],
+            max_document_tokens=s["max_document_tokens"],
+            file=f"{split}.bin",
+            docs_file=f"{split}.docs.npy",
+        )
+    total_bytes = sum(s["bytes"] for s in stats.values())
+    total_tokens = sum(s["tokens"] for s in stats.values())
+    return dict(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        source=src.description,
+        inputs_key=inputs_key,
+        tokenizer_file=TOKENIZER,
+        tokenizer_sha256=tokenizer.sha256,
+        tokenizer_kind=tokenizer.kind,
+        vocab_size=tokenizer.vocab_size,
+        eot_id=tokenizer.eot_id,
+        special_tokens=tokenizer.special_tokens,
+        dtype=dtype.name,
+        splits=splits,
+        bytes_per_token=total_bytes / total_tokens,
+        files=file_sizes,
+        options=dict(split_options, separator=separator, text_field=text_field, errors=errors,
+                     has_own_val_split=src.has_splits),
+        seconds=round(seconds, 3),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        nanomoe_version=__version__,
+    )
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    """meta.json of a complete, unmodified data dir, else a DataError that says what to run."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data dir {data_dir} not found; create it with `nanomoe prepare --source ... --out {data_dir}`")
+    path = data_dir / META
+    if not path.is_file():
+        raise DataError(
+            f"{data_dir} has no {META}: it is not a prepared data dir, or a prepare was interrupted; "
+            f"run `nanomoe prepare --out {data_dir} ...` (again)"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is corrupt ({e}); run `nanomoe prepare` again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path} is not a nanomoe data meta.json")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{data_dir} was prepared in data format {meta.get('format_version')}, this nanomoe reads "
+            f"{FORMAT_VERSION}; run `nanomoe prepare` again"
+        )
+    for name, size in meta["files"].items():
+        f = data_dir / name
+        if not f.is_file() or f.stat().st_size != size:
+            raise DataError(
+                f"{f} is missing or has a different size than {META} records: the data dir is incomplete "
+                "or was modified; run `nanomoe prepare` again"
+            )
+    with open(data_dir / meta["tokenizer_file"], "rb") as f:
+        if hashlib.sha256(f.read()).hexdigest() != meta["tokenizer_sha256"]:
+            raise DataError(f"{data_dir / meta['tokenizer_file']} does not match {META}; run `nanomoe prepare` again")
+    return meta
+
+
+def load_data_tokenizer(data_dir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a data dir was prepared with."""
+    meta = read_meta(data_dir)
+    return load_tokenizer(Path(data_dir) / meta["tokenizer_file"])
+
+
+def check_compatible(data_dir: str | os.PathLike, *, tokenizer: Tokenizer | None = None,
+                     vocab_size: int | None = None) -> dict:
+    """Raise DataError unless the data was made by `tokenizer` and fits a model with `vocab_size`."""
+    meta = read_meta(data_dir)
+    if tokenizer is not None and tokenizer.sha256 != meta["tokenizer_sha256"]:
+        raise DataError(
+            f"{data_dir} was prepared with a different tokenizer (sha256 {meta['tokenizer_sha256'][:12]}, "
+            f"vocab {meta['vocab_size']}) than this one (sha256 {tokenizer.sha256[:12]}, vocab "
+            f"{tokenizer.vocab_size}); use the data dir's tokenizer.json, or prepare the data with this tokenizer"
+        )
+    if vocab_size is not None and vocab_size < meta["vocab_size"]:
+        raise DataError(
+            f"{data_dir} has token ids up to {meta['vocab_size'] - 1} but the model's vocab_size is {vocab_size}; "
+            f"use --set vocab_size={meta['vocab_size']} or more, or prepare the data with a smaller tokenizer"
+        )
+    return meta
+
+
+def _trusted_meta(data_dir: Path) -> dict | None:
+    try:
+        return read_meta(data_dir)
+    except (DataError, KeyError, OSError, TypeError):
+        return None
+
+
+def _check_same_tokenizer(out: Path, existing: dict, tokenizer: Tokenizer, overwrite: bool) -> None:
+    if overwrite or existing["tokenizer_sha256"] == tokenizer.sha256:
+        return
+    raise DataError(
+        f"{out} already holds data from a different tokenizer (sha256 {existing['tokenizer_sha256'][:12]}, "
+        f"vocab {existing['vocab_size']}; this one: sha256 {tokenizer.sha256[:12]}, vocab {tokenizer.vocab_size}); "
+        f"choose another --out, pass --overwrite to replace it, or --tokenizer {out / TOKENIZER} to reuse its tokenizer"
+    )
+
+
+def _empty_split_message(split: str, src: Source, val_fraction: float) -> str:
+    if split == "val" and not src.has_splits:
+        return (
+            f"the validation split is empty: {src.description} has too few documents for val fraction "
+            f"{val_fraction}; raise --val-fraction, or give a folder with train/ and valid/ subfolders"
+        )
+    return f"the {split} split of {src.description} holds no documents"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Leftovers of killed runs (never trusted, since meta.json does not list them)."""
+    for path in out.glob(f".*{_TMP_MARK}*"):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent prepares of one dir are not supported
+        yield
+        return
+    with open(out / ".prepare.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in corpus, prepared once per machine
+
+
+def cache_root() -> Path:
+    """$NANOMOE_CACHE, else ~/.cache/nanomoe."""
+    return Path(os.environ.get("NANOMOE_CACHE") or Path.home() / ".cache" / "nanomoe").expanduser()
+
+
+def builtin_corpus_dir(
+    cache_dir: str | os.PathLike | None = None,
+    size_mb: float = DEFAULT_BUILTIN_MB,
+    seed: int = 0,
+    *,
+    vocab_size: int = 2048,
+    progress: bool = False,
+) -> Path:
+    """A data dir of the built-in stories with a BPE tokenizer, made on first use and reused after.
+
+    Safe to call from several processes at once (e.g. every rank): they wait on a lock and all but
+    the first find the data ready.
+    """
+    from .builtin_corpus import GENERATOR_VERSION
+
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    out = root / f"builtin-v{GENERATOR_VERSION}-{size_mb:g}mb-seed{seed}-bpe{vocab_size}"
+    return prepare_data(f"builtin:{size_mb:g}", out, vocab_size=vocab_size, seed=seed, progress=progress)
