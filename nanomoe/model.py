@@ -288,6 +288,13 @@ class GPT(nn.Module):
         for layer, load in zip(self.moe_layers(), tokens_per_expert, strict=True):
             layer.update_selection_bias(load)
 
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Continue token ids idx (B, T); see nanomoe.generation.generate for the options
+        (temperature, top_k, top_p, stop_id, seed, ...)."""
+        from .generation import generate
+
+        return generate(self, idx, max_new_tokens, **sampling)
+
     def num_params(self, active_only: bool = False) -> int:
         """Parameter count (shared tensors once). Active: what one token touches (top_k of E experts)."""
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,158 @@
+"""`nanomoe train`: the main job."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from . import add_command
+
+log = logging.getLogger("nanomoe.train")
+
+
+def resolve_data_dir(data: str, vocab_size: int = 2048) -> Path:
+    """'builtin' (prepared on first use in the cache), 'tinystories' (downloaded and prepared on
+    machines that are online), or a data dir written by `nanomoe prepare`."""
+    from ..errors import DataError
+
+    if data == "builtin":
+        from ..data import builtin_corpus_dir
+
+        return builtin_corpus_dir()
+    if data == "tinystories":
+        from ..data import cache_root, prepare_data
+
+        return prepare_data("tinystories", cache_root() / f"tinystories-bpe{vocab_size}", vocab_size=vocab_size)
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"--data {data}: no such directory; use builtin, tinystories, or a dir made by nanomoe prepare")
+    if not (path / "meta.json").is_file():
+        raise DataError(
+            f"--data {data} is not a prepared data dir (no meta.json). Prepare it first:\n"
+            f"  nanomoe prepare --source {data} --out {path.name}-prepared"
+        )
+    return path
+
+
+def _explicit_vocab(config_file, overrides) -> bool:
+    if any(item.split("=", 1)[0].strip() == "vocab_size" for item in overrides or []):
+        return True
+    if config_file:
+        from ..config import load_config_file
+
+        return "vocab_size" in (load_config_file(config_file).get("model") or {})
+    return False
+
+
+def _check_writable(out: Path) -> None:
+    from ..errors import ConfigError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out} is not writable ({e.strerror or e}); choose another directory") from None
+
+
+def cmd_train(args) -> int:
+    """Train a model. With no arguments: tiny-moe on the built-in story corpus (a few CPU minutes),
+    then print sample stories.
+
+    Examples:
+      nanomoe train                                        # tiny-moe, built-in corpus
+      nanomoe train --preset tiny-dense --max-steps 2000
+      nanomoe train --preset seed-moe --recipe seed --data tinystories
+      nanomoe train --data data/tinystories --set lr=1e-3 --set n_layer=8
+      nanomoe train --resume runs/tiny-moe-20261121-120000 --max-steps 4000
+      torchrun --nproc_per_node=2 -m nanomoe train --strategy ddp ...
+    """
+    from ..config import ModelConfig, resolve_model_config
+    from ..distributed import DistContext
+    from ..errors import ConfigError
+    from ..training import checkpoint as ckpt
+    from ..training.config import TrainConfig, resolve_train_config, split_overrides
+    from ..training.trainer import Trainer, resolve_device
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model_overrides, _ = split_overrides(args.set)
+    explicit = dict(max_steps=args.max_steps, strategy=args.strategy, device=args.device, data=args.data)
+    if args.no_progress:
+        explicit["progress"] = False
+
+    if args.resume is not None:
+        run_or_ckpt = Path(args.resume if args.resume != "latest" else (args.out or ""))
+        if not str(run_or_ckpt):
+            raise ConfigError("--resume needs a run dir: --resume RUN (or --out RUN --resume)")
+        ckpt_dir = ckpt.resolve_checkpoint(run_or_ckpt, prefer="latest")
+        run_dir = Path(args.out) if args.out else ckpt_dir.parent.parent
+        model_cfg = ckpt.read_model_config(ckpt_dir)
+        if model_overrides:
+            raise ConfigError("model fields cannot change on --resume (the weights fix them); drop "
+                              + ", ".join(model_overrides))
+        saved_train = ckpt.read_json(ckpt_dir / "train_config.json")
+        train_cfg = TrainConfig.from_dict(saved_train)
+        changes = resolve_train_config(overrides=args.set, **explicit).to_dict()
+        given = {k for k, v in explicit.items() if v is not None} | {i.split("=", 1)[0] for i in args.set or []}
+        train_cfg = train_cfg.replace(**{k: changes[k] for k in given if k in changes})
+        data_dir = resolve_data_dir(train_cfg.data, model_cfg.vocab_size) if args.data else Path(
+            ckpt.read_json(ckpt_dir / "trainer_state.json")["data_dir"])
+        resume_from = ckpt_dir
+    else:
+        preset = args.preset or (None if args.config else "tiny-moe")
+        model_cfg = resolve_model_config(preset, args.config, model_overrides)
+        train_cfg = resolve_train_config(args.recipe or ("default" if not args.config else None), args.config,
+                                         args.set, **explicit)
+        data_dir = resolve_data_dir(train_cfg.data, model_cfg.vocab_size)
+        if not _explicit_vocab(args.config, args.set):
+            from ..data import read_meta
+
+            model_cfg = model_cfg.replace(vocab_size=int(read_meta(data_dir)["vocab_size"]))
+        name = preset or Path(args.config).stem
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (run_dir / "latest.json").exists():
+            raise ConfigError(
+                f"{run_dir} already holds a training run; continue it with --resume {run_dir}, or pass another --out"
+            )
+        resume_from = None
+    assert isinstance(model_cfg, ModelConfig)
+
+    ctx = DistContext.from_env(resolve_device(train_cfg.device).type)
+    try:
+        if ctx.is_main:
+            _check_writable(run_dir)
+        trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, resume_from=resume_from, dist=ctx)
+        result = trainer.fit()
+        if ctx.is_main and not result["stopped"] and train_cfg.samples:
+            print("\nSample stories (temperature 0.8, top-k 50):\n")
+            for i, story in enumerate(trainer.sample()):
+                print(f"--- story {i + 1} ---\n{story}\n")
+        if ctx.is_main:
+            last = result["last_eval"]
+            if last:
+                bpb = f", bits/byte {last['bits_per_byte']:.3f}" if last.get("bits_per_byte") else ""
+                print(f"final validation loss {last['loss']:.4f} (perplexity {last['perplexity']:.2f}{bpb}), "
+                      f"padding excluded; run dir: {run_dir}")
+        return 130 if result["stopped"] else 0
+    finally:
+        ctx.shutdown()
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "train", cmd_train)
+    p.add_argument("--preset", help="model preset (default tiny-moe; see `nanomoe params --list`)")
+    p.add_argument("--recipe", help="training recipe: default, seed (the first seed's), debug")
+    p.add_argument("--config", help="TOML/YAML/JSON file with preset/recipe keys and [model] / [train] sections")
+    p.add_argument("--data", help="builtin (default), tinystories, or a data dir from `nanomoe prepare`")
+    p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
+                   help="continue a run exactly where it stopped (RUN dir or a checkpoint dir)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any model or training field, e.g. --set lr=1e-3 --set n_layer=4 (repeatable)")
+    p.add_argument("--strategy", choices=["single", "ddp", "fsdp"], help="data parallelism under torchrun")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")

@@ -1,0 +1,178 @@
+"""Training configuration: a frozen dataclass, named recipes, and config-file loading.
+
+A run is described by a model config (nanomoe.config.ModelConfig) and a TrainConfig. Both are
+saved beside every checkpoint, so a run can be resumed or sampled from without the command line
+that started it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, from_dict, load_config_file, parse_overrides, resolve_model_config
+from ..errors import ConfigError
+
+SCHEDULES = ("cosine", "onecycle", "constant")
+PRECISIONS = ("bf16", "fp16", "fp32")
+DATA_MODES = ("packed", "documents")
+STRATEGIES = ("single", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data ---
+    data: str = "builtin"  # "builtin", "tinystories", or a prepared data dir
+    data_mode: str = "packed"  # "packed" windows, or "documents" (one padded story per row)
+    seq_len: int = 0  # tokens per training sequence; 0 = the model's block_size
+
+    # --- length of the run (max_steps wins when both are set) ---
+    max_steps: int = 0
+    epochs: float = 0.0
+
+    # --- batch ---
+    batch_size: int = 16  # sequences per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    # --- optimizer: AdamW, weight decay only on >= 2-D weights ---
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    schedule: str = "cosine"  # "cosine" (linear warmup), "onecycle" (the first seed), "constant"
+    warmup_steps: int = -1  # -1: 5% of the run (cosine); onecycle uses pct_start instead
+    pct_start: float = 0.3  # onecycle: fraction of the run spent increasing the lr
+
+    # --- numerics and speed ---
+    precision: str = "bf16"  # "bf16" autocast (CPU and GPU), "fp16" autocast + GradScaler (GPU), "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (one per core)
+
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = 200  # steps; 0 = once per epoch
+    eval_batches: int = 50  # validation batches per evaluation; 0 = the whole split
+    log_every: int = 10
+    save_every: int = 500  # steps between `latest` checkpoints; 0 = only at the end
+    keep_last: int = 2  # periodic checkpoints kept besides best, epoch checkpoints and the newest
+    save_epochs: bool = False  # also keep a checkpoint at the end of every epoch (the seed's habit)
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+    samples: int = 3  # stories sampled at the end of the run
+    sample_tokens: int = 200
+    sample_prompt: str = "Once upon a time"
+
+    # --- robustness ---
+    max_bad_steps: int = 5  # consecutive non-finite losses tolerated (each step is skipped)
+
+    # --- reproducibility and scale-out ---
+    seed: int = 1337
+    strategy: str = "single"  # "single", "ddp" or "fsdp" (launch with torchrun)
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise ConfigError(f"invalid training config: {msg}")
+
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "seq_len", "eval_every", "eval_batches", "save_every", "keep_last", "samples",
+                     "sample_tokens", "threads"):
+            if getattr(self, name) < 0:
+                fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs < 0:
+            fail(f"epochs must be >= 0, got {self.epochs}")
+        if self.lr <= 0:
+            fail(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            fail(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            fail("beta1 and beta2 must be in [0, 1)")
+        if not 0 < self.pct_start < 1:
+            fail(f"pct_start must be in (0, 1), got {self.pct_start}")
+        if self.schedule not in SCHEDULES:
+            fail(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            fail(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.data_mode not in DATA_MODES:
+            fail(f"data_mode must be one of {DATA_MODES}, got {self.data_mode!r}")
+        if self.strategy not in STRATEGIES:
+            fail(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.max_bad_steps < 1:
+            fail(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return from_dict(cls, data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return from_dict(type(self), {**self.to_dict(), **changes})
+
+
+# Named training recipes. "default" trains tiny-moe on the built-in corpus in a few CPU minutes.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": dict(max_steps=600, batch_size=16, grad_accum=1, lr=3e-3, eval_every=200, save_every=200),
+    # The first seed's recipe: batch 32 x accumulation 2, AdamW lr 1e-3 with OneCycleLR, mixed precision,
+    # gradient checkpointing, one padded story per row, evaluation and a checkpoint every epoch, best kept.
+    "seed": dict(
+        batch_size=32, grad_accum=2, lr=1e-3, schedule="onecycle", weight_decay=0.01, beta2=0.999,
+        activation_checkpointing=True, data_mode="documents", eval_every=0, save_every=0, save_epochs=True,
+        epochs=6.0, grad_clip=0.0,
+    ),
+    # Fast smoke runs (tests, CI).
+    "debug": dict(max_steps=20, batch_size=4, eval_every=10, eval_batches=4, save_every=10, log_every=5, samples=1,
+                  sample_tokens=32, tensorboard=False, plots=False),
+}
+
+
+def resolve_train_config(
+    recipe: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    **explicit: Any,
+) -> TrainConfig:
+    """Recipe, then the `[train]` section of a config file, then `--set` overrides, then explicit
+    command-line flags (`--max-steps` and friends), each on top of the previous."""
+    fields: dict[str, Any] = {}
+    file_data = load_config_file(config_file) if config_file else {}
+    recipe = recipe or file_data.get("recipe")
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+        fields.update(RECIPES[recipe])
+    fields.update(file_data.get("train", {}))
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    for item in overrides or []:  # --set accepts both model and train fields; keep the train ones
+        key = item.split("=", 1)[0].strip()
+        if key in train_names:
+            fields.update(parse_overrides(TrainConfig, [item]))
+        elif key not in model_names:
+            raise ConfigError(
+                f"--set {key}=...: {key!r} is neither a model nor a training field; "
+                f"training fields: {', '.join(sorted(train_names))}"
+            )
+    fields.update({k: v for k, v in explicit.items() if v is not None})
+    return TrainConfig.from_dict(fields)
+
+
+def split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
+    """Separate `--set key=value` items into (model overrides, train overrides)."""
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    model, train = [], []
+    for item in overrides or []:
+        (model if item.split("=", 1)[0].strip() in model_names else train).append(item)
+    return model, train
+
+
+__all__ = ["TrainConfig", "RECIPES", "resolve_train_config", "resolve_model_config", "split_overrides"]

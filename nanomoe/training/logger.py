@@ -1,0 +1,194 @@
+"""Run logging: a JSONL metrics file, TensorBoard event files, a progress bar, plots at the end.
+
+Only rank 0 writes (`enabled=False` on the others). metrics.jsonl is append-only: a resumed run
+adds rows, and readers keep the last row of each (kind, step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("nanomoe.train")
+
+_PEAK_FLOPS: dict[tuple[str, str], float] = {}
+
+
+def measured_peak_flops(precision: str, device: torch.device) -> float:
+    """Matrix-product FLOP/s of this machine in the run's compute dtype, measured once per process."""
+    from ..bench.timing import matmul_peak_flops
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    key = (str(dtype), str(device))
+    if key not in _PEAK_FLOPS:
+        _PEAK_FLOPS[key] = matmul_peak_flops(dtype, device=device)
+    return _PEAK_FLOPS[key]
+
+
+class _NoProgress:
+    """Stands in for tqdm when the bar is off (other ranks, --no-progress, tests)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, row: dict) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, smoothing=0.1)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set_postfix(self, row: dict) -> None:
+        self.bar.set_postfix_str(
+            f"loss {row['loss']:.3f} lr {row['lr']:.2e} {row['tokens_per_s'] / 1000:.1f}k tok/s "
+            f"MFU {row['mfu']:.2f}", refresh=False
+        )
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.use_tensorboard = tensorboard
+        self._tb = None
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # --- writers ---
+
+    def _write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _tensorboard(self):
+        if self._tb is None and self.enabled and self.use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: the JSONL file still has everything
+                self.use_tensorboard = False
+                return None
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        return self._tb
+
+    def write_config(self, model_config, train_config, data_dir, data_meta, total_steps: int) -> None:
+        if not self.enabled:
+            return
+        from ..params import count_parameters
+
+        counts = count_parameters(model_config)
+        info = {
+            "model": model_config.to_dict(),
+            "train": train_config.to_dict(),
+            "data_dir": str(data_dir),
+            "data": {k: v for k, v in data_meta.items() if k != "tokenizer"},
+            "total_steps": total_steps,
+            "total_params": counts.total,
+            "active_params": counts.active,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        log.info("model: %.2fM parameters (%.2fM active per token); %d steps; run dir %s",
+                 counts.total / 1e6, counts.active / 1e6, total_steps, self.run_dir)
+
+    def progress(self, total: int, initial: int, enabled: bool):
+        return _Progress(total, initial) if enabled else _NoProgress()
+
+    def mfu(self, flops_per_s: float, precision: str, device: torch.device) -> float:
+        return flops_per_s / measured_peak_flops(precision, device)
+
+    def log_train(self, step: int, row: dict[str, Any]) -> None:
+        self._write({"kind": "train", "step": step, "time": time.time(), **row})
+        tb = self._tensorboard()
+        if tb is not None:
+            for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "load_cv"):
+                if row.get(key) is not None:
+                    tb.add_scalar(f"train/{key}", row[key], step)
+
+    def log_eval(self, step: int, result: dict[str, Any]) -> None:
+        self._write({"kind": "eval", "step": step, "time": time.time(), **result})
+        tb = self._tensorboard()
+        if tb is not None:
+            for key in ("loss", "perplexity", "bits_per_byte", "accuracy"):
+                if result.get(key) is not None:
+                    tb.add_scalar(f"val/{key}", result[key], step)
+            moe = result.get("moe")
+            if moe:
+                for key in ("load_cv", "routing_entropy", "dropped_fraction", "dead_experts"):
+                    tb.add_scalar(f"moe/{key}", moe[key], step)
+                for i, layer in enumerate(moe["layers"]):
+                    tb.add_scalars(f"moe/load_layer{i}",
+                                   {f"expert{e}": f for e, f in enumerate(layer["load_fractions"])}, step)
+
+    @staticmethod
+    def format_eval(step: int, result: dict[str, Any]) -> str:
+        parts = [f"step {step}", f"val loss {result['loss']:.4f}", f"ppl {result['perplexity']:.2f}"]
+        if result.get("bits_per_byte") is not None:
+            parts.append(f"bpb {result['bits_per_byte']:.3f}")
+        parts.append(f"acc {result['accuracy']:.3f}")
+        moe = result.get("moe")
+        if moe:
+            parts.append(f"load cv {moe['load_cv']:.3f}")
+            parts.append(f"entropy {moe['routing_entropy']:.2f}")
+            parts.append(f"dead experts {moe['dead_experts']}")
+            if moe["dropped_fraction"] > 0:
+                parts.append(f"dropped {moe['dropped_fraction']:.3f}")
+        return " | ".join(parts)
+
+    def finish(self, make_plots: bool = True) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self.enabled and make_plots and self.metrics_path.is_file():
+            from .plots import plot_run
+
+            try:
+                plot_run(self.run_dir)
+            except Exception as e:  # a plotting problem must never cost a finished run
+                log.warning("could not draw plots: %s", e)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Rows of metrics.jsonl; after a resume, the last row of each (kind, step) wins."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows: dict[tuple[str, int], dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+                rows[(row["kind"], row["step"])] = row
+    return sorted(rows.values(), key=lambda r: (r["step"], r["kind"]))

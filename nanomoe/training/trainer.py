@@ -1,0 +1,521 @@
+"""The training loop: AdamW, lr schedule, gradient accumulation and clipping, mixed precision,
+honest evaluation, atomic checkpoints with exact resume, logging, and a clean stop on signals.
+
+Data parallelism plugs in through `DistContext` (rank-aware logging and saving, per-rank seeds,
+sharded data, reduced metrics) and `nanomoe.distributed.parallelize` (DDP / FSDP2 wrappers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError, DataError, NanoMoEError
+from ..evaluation import RoutingAccumulator, bytes_per_token, evaluate
+from ..model import GPT, IGNORE_INDEX
+from ..params import flops_per_token
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .logger import MetricsLogger
+from .schedule import lr_and_beta1
+
+log = logging.getLogger("nanomoe.train")
+
+
+class TrainingError(NanoMoEError):
+    """Training cannot continue (e.g. the loss kept diverging)."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16/fp16 autocast for matrix products; fp32 math elsewhere (norms, softmax, loss, router)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (>= 2-D: linear weights, embeddings, stacked experts) only; never on
+    biases and norm gains (nanoGPT's rule)."""
+    decay, no_decay = [], []
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def apply_activation_checkpointing(model: GPT) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    The block's forward is wrapped per instance, so parameter names and checkpoints are unchanged.
+    The RNG state is replayed during recomputation, so dropout and noisy gating match.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        original = block.forward
+
+        def forward(*args, _original=original, **kwargs):
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    bad_steps: int = 0
+    elapsed_seconds: float = 0.0
+    last_eval: dict[str, Any] = field(default_factory=dict)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits.
+    A second Ctrl-C interrupts immediately."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at the end of this step, then stopping "
+                    "(Ctrl-C again to abort without saving)", self.signal_name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        run_dir: str | Path,
+        data_dir: str | Path,
+        *,
+        resume_from: str | Path | None = None,
+        dist=None,
+    ) -> None:
+        from ..data import BatchLoader, load_tokenizer, read_meta
+        from ..distributed import DistContext
+
+        self.cfg = train_config
+        self.dist = dist or DistContext()
+        self.run_dir = Path(run_dir)
+        self.data_dir = Path(data_dir)
+        self.device = resolve_device(train_config.device, self.dist.local_rank)
+        if train_config.threads:
+            torch.set_num_threads(train_config.threads)
+        if train_config.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision fp16 needs a GPU (it relies on a gradient scaler); use bf16 or fp32 on CPU")
+
+        # --- data: check that the model fits it before spending any time ---
+        self.data_meta = read_meta(self.data_dir)
+        data_vocab = int(self.data_meta["vocab_size"])
+        if model_config.vocab_size < data_vocab:
+            raise ConfigError(
+                f"the model's vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
+                f"({data_vocab}) of {self.data_dir}: set --set vocab_size={data_vocab} (or leave it unset to "
+                "use the data's)"
+            )
+        self.seq_len = train_config.seq_len or model_config.block_size
+        if self.seq_len > model_config.block_size:
+            raise ConfigError(
+                f"seq_len {self.seq_len} exceeds the model's block_size {model_config.block_size}: lower "
+                f"--set seq_len or raise --set block_size"
+            )
+        self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
+        self.train_loader = BatchLoader(
+            self.data_dir, "train", train_config.batch_size, self.seq_len, mode=train_config.data_mode,
+            seed=train_config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        self.val_loader = BatchLoader(
+            self.data_dir, "val", train_config.batch_size, self.seq_len, mode=train_config.data_mode,
+            seed=train_config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        self.val_bytes_per_token = bytes_per_token(self.data_meta, "val")
+
+        # --- length of the run ---
+        self.sequences_per_step = train_config.batch_size * train_config.grad_accum * self.dist.world_size
+        self.steps_per_epoch = max(1, self._samples_per_epoch() // self.sequences_per_step)
+        if train_config.max_steps:
+            self.total_steps = train_config.max_steps
+        elif train_config.epochs:
+            self.total_steps = max(1, round(train_config.epochs * self.steps_per_epoch))
+        else:
+            raise ConfigError("the run has no length: pass --max-steps N or --set epochs=N")
+
+        # --- model and optimizer ---
+        torch.manual_seed(train_config.seed)  # identical initial weights on every rank
+        self.model_config = model_config
+        self.model = GPT(model_config).to(self.device)
+        if train_config.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        from ..distributed import parallelize
+
+        self.train_model = parallelize(self.model, train_config, self.dist, self.device)
+        if train_config.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.optimizer = torch.optim.AdamW(
+            optimizer_param_groups(self.model, train_config.weight_decay),
+            lr=train_config.lr,
+            betas=(train_config.beta1, train_config.beta2),
+            eps=train_config.eps,
+            fused=self.device.type == "cuda",
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=train_config.precision == "fp16")
+        self.autocast = lambda: autocast_context(train_config.precision, self.device)
+        self.flops_per_token = flops_per_token(model_config, self.seq_len)["train"]
+        self.state = TrainState()
+        # per-rank RNG stream for dropout and noisy gating
+        torch.manual_seed(train_config.seed + 1_000_003 * self.dist.rank)
+
+        if resume_from is not None:
+            self._resume(Path(resume_from))
+        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=train_config.tensorboard)
+
+    def _samples_per_epoch(self) -> int:
+        """Training sequences in one pass over the train split: windows of seq_len tokens when
+        packed, one per document in document mode."""
+        split = self.data_meta["splits"]["train"]
+        if self.cfg.data_mode == "documents":
+            return int(split["documents"])
+        return int(split["tokens"]) // self.seq_len
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _trainer_state(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "step": s.step,
+            "tokens_seen": s.tokens_seen,
+            "epoch": s.step / self.steps_per_epoch,
+            "best_val_loss": s.best_val_loss if math.isfinite(s.best_val_loss) else None,
+            "best_step": s.best_step,
+            "bad_steps": s.bad_steps,
+            "elapsed_seconds": s.elapsed_seconds,
+            "total_steps": self.total_steps,
+            "world_size": self.dist.world_size,
+            "loader": self.train_loader.state_dict(),
+            "last_eval": s.last_eval,
+            "data_dir": str(self.data_dir),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+
+    def save(self, *, best: bool = False, name: str | None = None, keep: bool = False) -> Path | None:
+        """Save the current state as `latest` (and `best`); prune old periodic checkpoints."""
+        from ..distributed import save_sharded_checkpoint_if_needed
+
+        name = name or ckpt.checkpoint_name(self.state.step)
+        pointers = {"latest": {}}
+        if best:
+            pointers["best"] = {"val_loss": self.state.best_val_loss}
+        if save_sharded_checkpoint_if_needed(self, name, pointers):
+            return self.run_dir / "checkpoints" / name
+        if not self.dist.is_main:
+            return None
+        path = ckpt.save_checkpoint(
+            self.run_dir,
+            name,
+            model_state=self.model.state_dict(),
+            model_config=self.model_config,
+            trainer_state=self._trainer_state(),
+            optimizer_state=self.optimizer.state_dict(),
+            rng_state=ckpt.capture_rng_state(),
+            train_config=self.cfg.to_dict(),
+            tokenizer_json=self.tokenizer.to_json_str(),
+            data_meta=self.data_meta,
+            pointers=pointers,
+        )
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last, keep_names={name} if keep else set())
+        return path
+
+    def _resume(self, path: Path) -> None:
+        from ..distributed import load_sharded_checkpoint_if_needed
+
+        ckpt_dir = ckpt.resolve_checkpoint(path, prefer="latest")
+        saved_cfg = ckpt.read_model_config(ckpt_dir)
+        if saved_cfg != self.model_config:
+            raise ConfigError(
+                f"checkpoint {ckpt_dir} was trained with a different model config; resume without changing "
+                "model fields (the saved one is in model_config.json)"
+            )
+        state = ckpt.read_json(ckpt_dir / "trainer_state.json")
+        if not load_sharded_checkpoint_if_needed(self, ckpt_dir):
+            ckpt.load_model_weights(self.model, ckpt_dir)
+            optimizer_state = ckpt.load_optimizer_state(ckpt_dir)
+            if optimizer_state is not None:
+                self.optimizer.load_state_dict(optimizer_state)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("world_size", 1) == self.dist.world_size:
+            ckpt.restore_rng_state(ckpt.load_rng_state(ckpt_dir))
+            if self.dist.rank != 0:  # rank 0's stream was saved; keep the others distinct
+                torch.manual_seed(self.cfg.seed + 1_000_003 * self.dist.rank + state["step"])
+        self.train_loader.load_state_dict(state["loader"])
+        best = state.get("best_val_loss")
+        self.state = TrainState(
+            step=state["step"],
+            tokens_seen=state.get("tokens_seen", 0),
+            best_val_loss=best if best is not None else math.inf,
+            best_step=state.get("best_step", -1),
+            bad_steps=state.get("bad_steps", 0),
+            elapsed_seconds=state.get("elapsed_seconds", 0.0),
+            last_eval=state.get("last_eval", {}),
+        )
+        log.info("resumed from %s at step %d", ckpt_dir, self.state.step)
+
+    # ------------------------------------------------------------------------------------------
+    # one optimizer step
+
+    def _set_lr(self) -> float:
+        lr, beta1 = lr_and_beta1(self.cfg, self.state.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["betas"] = (beta1, group["betas"][1])
+        return lr
+
+    def train_step(self) -> dict[str, Any] | None:
+        """Forward/backward over grad_accum micro-batches and one AdamW step. Returns the step's
+        metrics, or None when the step was skipped because the loss or gradients were not finite."""
+        lr = self._set_lr()
+        micro_batches = [self.train_loader.next_batch() for _ in range(self.cfg.grad_accum)]
+        # Normalize by the real (non-padding) targets of the whole step on all ranks, so every token
+        # weighs the same however padding is spread over micro-batches and ranks.
+        n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+        n_total = self.dist.all_reduce_sum(torch.tensor([n_targets], dtype=torch.float64)).item()
+        scale = self.dist.world_size / max(n_total, 1.0)  # DDP/FSDP average gradients over ranks
+
+        from ..distributed import no_sync
+
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        routing_loads: list[torch.Tensor] | None = None
+        finite = True
+        for i, (x, y) in enumerate(micro_batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = i == len(micro_batches) - 1
+            with no_sync(self.train_model, enabled=not last):
+                with self.autocast():
+                    out = self.train_model(x, y)
+                loss = out.loss * (out.n_loss_tokens * scale) + out.aux_loss / len(micro_batches)
+                if not torch.isfinite(loss):
+                    finite = False
+                self.scaler.scale(loss).backward()
+            loss_sum += out.loss.detach().double().cpu() * out.n_loss_tokens.item()
+            aux_sum += out.aux_loss.detach().double().cpu()
+            loads = [s.tokens_per_expert.detach().cpu().double() for s in out.moe]
+            routing_loads = loads if routing_loads is None else [a + b for a, b in zip(routing_loads, loads)]
+
+        grad_norm = None
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            if self.cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None])
+                )
+            finite = bool(torch.isfinite(grad_norm)) or self.scaler.is_enabled()
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if routing_loads and self.model_config.router_bias_update_rate > 0:
+            self.model.update_router_biases([self.dist.all_reduce_sum(load) for load in routing_loads])
+
+        totals = self.dist.all_reduce_sum(torch.stack([loss_sum, aux_sum]))
+        metrics = {
+            "loss": totals[0].item() / max(n_total, 1.0),
+            "aux_loss": totals[1].item() / (len(micro_batches) * self.dist.world_size),
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": int(n_total),
+        }
+        if routing_loads:
+            cvs = [(load.std(unbiased=False) / load.mean()).item() for load in routing_loads]
+            metrics["load_cv"] = sum(cvs) / len(cvs)
+            metrics["expert_load"] = [(load / load.sum()).tolist() for load in routing_loads]
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+
+    def evaluate(self) -> dict[str, Any]:
+        max_batches = self.cfg.eval_batches or None
+        result = evaluate(
+            self.train_model,
+            self.val_loader.eval_batches(self.cfg.batch_size, max_batches=max_batches),
+            device=self.device,
+            autocast=self.autocast(),
+            bytes_per_token=self.val_bytes_per_token,
+            all_reduce_sum=self.dist.all_reduce_sum if self.dist.enabled else None,
+        )
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train to total_steps (or pause at `stop_at_step`, saving a checkpoint as a signal would)."""
+        cfg, state = self.cfg, self.state
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_incomplete(self.run_dir)
+            self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta, self.total_steps)
+        progress = self.logger.progress(self.total_steps, state.step, enabled=cfg.progress and self.dist.is_main)
+        eval_every = cfg.eval_every or self.steps_per_epoch
+        window = {"loss": 0.0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
+        stopped_by_signal = False
+        with StopRequest() as stop:
+            while state.step < self.total_steps:
+                if stop.requested or (stop_at_step is not None and state.step >= stop_at_step):
+                    stopped_by_signal = True
+                    break
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                state.elapsed_seconds += time.perf_counter() - t0
+                state.step += 1
+                if metrics is None:
+                    state.bad_steps += 1
+                    log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)",
+                                state.step, state.bad_steps)
+                    if state.bad_steps >= cfg.max_bad_steps:
+                        raise TrainingError(
+                            f"{state.bad_steps} steps in a row had a non-finite loss or gradient norm; training "
+                            f"diverged. Lower the learning rate (--set lr={cfg.lr / 3:.2g}), keep gradient "
+                            "clipping on (--set grad_clip=1.0) or try --set precision=fp32; the last good "
+                            f"checkpoint is in {self.run_dir}"
+                        )
+                    progress.update(1)
+                    continue
+                state.bad_steps = 0
+                state.tokens_seen += metrics["tokens"]
+                window["loss"] += metrics["loss"]
+                window["tokens"] += metrics["tokens"]
+                window["steps"] += 1
+
+                if state.step % cfg.log_every == 0 or state.step == self.total_steps:
+                    seconds = time.perf_counter() - window["t0"]
+                    tokens_per_s = window["tokens"] / seconds if seconds > 0 else 0.0
+                    row = {
+                        **metrics,
+                        "loss": window["loss"] / window["steps"],
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": self.logger.mfu(tokens_per_s * self.flops_per_token, cfg.precision, self.device),
+                        "epoch": state.step / self.steps_per_epoch,
+                        "tokens_seen": state.tokens_seen,
+                    }
+                    self.logger.log_train(state.step, row)
+                    progress.set_postfix(row)
+                    window = {"loss": 0.0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
+                progress.update(1)
+
+                is_epoch_end = state.step % self.steps_per_epoch == 0
+                if state.step % eval_every == 0 or state.step == self.total_steps:
+                    self._eval_and_save(progress)
+                elif cfg.save_every and state.step % cfg.save_every == 0:
+                    self.save()
+                if cfg.save_epochs and is_epoch_end:
+                    self.save(name=f"epoch-{state.step // self.steps_per_epoch:04d}", keep=True)
+                    self.save()
+        progress.close()
+
+        if stopped_by_signal:
+            self.save()
+            log.warning("stopped by %s at step %d; resume with --resume %s", stop.signal_name or "request",
+                        state.step, self.run_dir)
+        elif state.last_eval.get("step") != state.step:
+            self._eval_and_save(None)
+        result = {"step": state.step, "stopped": stopped_by_signal, "run_dir": str(self.run_dir),
+                  "best_val_loss": state.best_val_loss, "last_eval": state.last_eval}
+        if self.dist.is_main:
+            self.logger.finish(make_plots=self.cfg.plots)
+        return result
+
+    def _eval_and_save(self, progress) -> None:
+        state = self.state
+        result = self.evaluate()
+        result["step"] = state.step
+        state.last_eval = {k: v for k, v in result.items() if k != "moe"}
+        improved = result["loss"] < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_step = result["loss"], state.step
+        self.logger.log_eval(state.step, result)
+        if progress is not None:
+            progress.write(self.logger.format_eval(state.step, result))
+        self.save(best=improved)
+
+    def sample(self, n: int | None = None, max_new_tokens: int | None = None, prompt: str | None = None,
+               seed: int = 0) -> list[str]:
+        """A few stories from the current model (temperature 0.8, top-k 50), as text."""
+        n = self.cfg.samples if n is None else n
+        if n <= 0:
+            return []
+        prompt = self.cfg.sample_prompt if prompt is None else prompt
+        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
+        idx = torch.tensor([ids] * n, device=self.device)
+        with self.autocast():
+            out = self.model.generate(idx, max_new_tokens or self.cfg.sample_tokens, temperature=0.8, top_k=50,
+                                      stop_id=self.tokenizer.eot_id, seed=seed)
+        stories = []
+        for row in out.tolist():
+            new = row[len(ids):]
+            if self.tokenizer.eot_id in new:
+                new = new[: new.index(self.tokenizer.eot_id)]
+            stories.append((prompt + self.tokenizer.decode(new)).strip())
+        return stories
+
+
+def check_data_dir(path: Path) -> None:
+    if not (path / "meta.json").is_file():
+        raise DataError(
+            f"{path} is not a prepared data dir (no meta.json). Prepare it first: "
+            f"nanomoe prepare --source {path} --out {path}-prepared"
+        )
