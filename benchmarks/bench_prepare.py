@@ -38,9 +38,9 @@ print(time.perf_counter() - t0)
 
 PREPARE = """
 import sys, time
-from nanomoe.data.prepare import prepare
+from nanomoe.data.prepare import run_prepare
 t0 = time.perf_counter()
-r = prepare(sys.argv[1], sys.argv[3], tokenizer=sys.argv[2], progress=False)
+r = run_prepare(sys.argv[1], sys.argv[3], tokenizer=sys.argv[2], progress=False)
 assert not r.skipped
 print(time.perf_counter() - t0, r.source_bytes)
 """

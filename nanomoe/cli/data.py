@@ -96,12 +96,12 @@ def cmd_prepare(args) -> int:
       nanomoe prepare --source tinystories --out data/ts --train-count 100000 --val-count 5000
       nanomoe prepare --source stories.jsonl --out data/mine --tokenizer data/tinystories/tokenizer.json
     """
-    from ..data.prepare import prepare
+    from ..data.prepare import run_prepare
     from ..errors import DataError
 
     if args.tokenizer is not None and args.vocab_size is not None:
         raise DataError("pass either --tokenizer (use that tokenizer) or --vocab-size (train one), not both")
-    result = prepare(
+    result = run_prepare(
         args.source,
         args.out,
         tokenizer=args.tokenizer,

@@ -16,7 +16,7 @@ from .prepare import (
     cache_root,
     check_compatible,
     load_data_tokenizer,
-    prepare,
+    run_prepare,
     prepare_data,
     read_meta,
 )
@@ -50,7 +50,7 @@ __all__ = [
     "load_data_tokenizer",
     "load_tokenizer",
     "open_source",
-    "prepare",
+    "run_prepare",
     "prepare_data",
     "read_meta",
     "split_documents",

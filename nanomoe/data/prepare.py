@@ -60,11 +60,11 @@ class PrepareResult:
 
 
 def prepare_data(source: str | os.PathLike | Source, out_dir: str | os.PathLike, **options) -> Path:
-    """Tokenize `source` into `out_dir` (see `prepare` for the options); returns the data dir."""
-    return prepare(source, out_dir, **options).data_dir
+    """Tokenize `source` into `out_dir` (options: see `run_prepare`); returns the data dir."""
+    return run_prepare(source, out_dir, **options).data_dir
 
 
-def prepare(
+def run_prepare(
     source: str | os.PathLike | Source,
     out_dir: str | os.PathLike,
     *,
@@ -224,9 +224,20 @@ def _encode_source(src, split_options, tokenizer, dtype, tmp, progress, workers)
 
 def _encoded(tokenizer: Tokenizer, chunks, workers: int | None):
     """(split, texts, ids_lists, n_bytes) for each chunk, in order."""
-    if tokenizer.kind == "bpe":  # `tokenizers` already spreads each batch over all cores
-        for split, texts, n_bytes in chunks:
-            yield split, texts, tokenizer.encode_batch(texts), n_bytes
+    if tokenizer.kind == "bpe":
+        # `tokenizers` spreads each batch over all cores and releases the GIL meanwhile: encode the
+        # next chunk in a thread while this one is read, written and counted
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(1) as pool:
+            previous = None
+            for split, texts, n_bytes in chunks:
+                future = pool.submit(tokenizer.encode_batch, texts)
+                if previous is not None:
+                    yield previous[0], previous[1], previous[3].result(), previous[2]
+                previous = (split, texts, n_bytes, future)
+            if previous is not None:
+                yield previous[0], previous[1], previous[3].result(), previous[2]
         return
     workers = workers or os.cpu_count() or 1
     if workers == 1:
@@ -416,7 +427,7 @@ def _locked(out: Path):
     except ImportError:  # Windows: no advisory locks; concurrent prepares of one dir are not supported
         yield
         return
-    with open(out / ".prepare.lock", "w") as f:
+    with open(out / ".prepare.lock", "a") as f:  # "a": never truncates, so a skipped run changes nothing
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -192,7 +192,7 @@ class LocalSource(Source):
     def __init__(self, path: Path, *, separator: str, text_field: str, errors: str) -> None:
         self.path, self.separator, self.text_field, self.errors = path, separator, text_field, errors
         if not path.exists():
-            raise DataError(f"{path} does not exist")
+            raise DataError(f"{path} not found; give an existing file or folder")
         if path.is_file():
             self.files = {None: [_check_file(path)]}
         else:
