@@ -89,7 +89,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x_BTD, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x_BTD, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0, attn_mask=None):
+        """attn_mask: optional (B, 1, T, S) bool, True where a query may see a key; it replaces the
+        causal rule (the caller builds causality and padding into it)."""
         B, T, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -109,6 +111,8 @@ class CausalSelfAttention(nn.Module):
                 if T > 1:  # query i sits at absolute position start_pos + i and sees keys <= it
                     S = k.shape[2]
                     mask = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
+        if attn_mask is not None:
+            mask, is_causal = attn_mask, False
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -153,8 +157,8 @@ class Block(nn.Module):
             self.ffn = FeedForward(config.n_embd, config.ffn_hidden, config.ffn, config.bias)
         self.ffn_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos)
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, attn_mask)
         stats = None
         if self.is_moe:
             h, stats = self.ffn(self.ffn_norm(x))
@@ -228,11 +232,17 @@ class GPT(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """idx (B, T) token ids at positions [start_pos, start_pos+T); targets (B, T) or None.
 
         Targets equal to IGNORE_INDEX (-100) never count in the loss. With `kv_cache`, keys and values
         are stored and earlier positions are read from it (incremental decoding).
+
+        Batches of prompts of different lengths (left-padded, see nanomoe/generation.py) pass
+        `positions` (B, T), each row's own positions, and `attn_mask` (B, 1, T, S) bool, True where a
+        query may attend to a key; `start_pos` then only says where the cache stores the new keys.
         """
         B, T = idx.shape
         if start_pos + T > self.config.block_size:
@@ -242,15 +252,20 @@ class GPT(nn.Module):
             )
         x = self.tok_emb(idx)  # (B, T, D)
         rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
-        else:
-            rope = (self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T])
+        if positions is None:  # every row at positions [start_pos, start_pos+T)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
+            else:
+                rope = (self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T])
+        elif self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:  # (B, 1, T, d): one table per row, broadcast over heads
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         x = self.emb_dropout(x)
 
         moe_stats: list[MoEStats] = []
         for block in self.blocks:
-            x, stats = block(x, rope, kv_cache, start_pos)
+            x, stats = block(x, rope, kv_cache, start_pos, attn_mask)
             if stats is not None:
                 moe_stats.append(stats)
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)
