@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .grouped_ffn import ExpertPlan, grouped_ffn, make_plan
 
 
 def ffn_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -158,16 +159,13 @@ class GroupedExperts(nn.Module):
         self.b_in = nn.Parameter(torch.empty(n_experts, in_width)) if bias else None
         self.b_out = nn.Parameter(torch.empty(n_experts, dim)) if bias else None
 
-    def forward(self, x_AD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """Run expert e on rows [offset_e, offset_e + tokens_per_expert[e]) of the expert-sorted x."""
-        outputs = [
-            self.expert_forward(x_e, e)
-            for e, x_e in enumerate(torch.split(x_AD, tokens_per_expert))  # a loop over E experts, not tokens
-            if x_e.shape[0] > 0
-        ]
-        if not outputs:
-            return x_AD.new_zeros(0, self.w_out.shape[-1])
-        return torch.cat(outputs, dim=0)
+    def forward(self, x_ND: torch.Tensor, gate_KN: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+        """sum_k gate[k, n] * expert_{e(n,k)}(x[n]) for every token n, over the assignments in `plan`.
+
+        The fast path (grouped_ffn.py): expert-sorted buffers, one matrix product per expert and
+        weight matrix, a hand-written backward. `expert_forward` is the plain version tests pin it to.
+        """
+        return grouped_ffn(x_ND, gate_KN, plan, self.w_in, self.w_out, self.b_in, self.b_out, self.activation)
 
     def expert_forward(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e applied to every row of x."""
@@ -247,31 +245,9 @@ def dispatch_and_combine(
     earlier tokens win; assignments past an expert's capacity contribute nothing (the residual
     connection carries the token through unchanged).
     """
-    N, K = expert_indices_NK.shape
-    n_experts = experts.w_in.shape[0]
-    # k-major order (all first choices, then all second choices) so a stable sort gives first
-    # choices priority within each expert's slice.
-    flat_expert = expert_indices_NK.t().reshape(-1)  # (N*K,)
-    order = torch.argsort(flat_expert, stable=True)
-    tokens_per_expert_E = torch.bincount(flat_expert, minlength=n_experts)
-    token_A = order % N
-    weight_A = expert_weights_NK.t().reshape(-1)[order]
-
-    if capacity is not None:
-        starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
-        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_E.repeat_interleave(
-            tokens_per_expert_E
-        )
-        keep = rank_in_expert < capacity
-        token_A, weight_A = token_A[keep], weight_A[keep]
-        tokens_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
-
-    x_AD = x_ND[token_A]
-    y_AD = experts(x_AD, tokens_per_expert_E.tolist())
-    y_AD = y_AD * weight_A.to(y_AD.dtype).unsqueeze(-1)
-    out_ND = torch.zeros(N, y_AD.shape[-1], dtype=y_AD.dtype, device=x_ND.device)
-    out_ND.index_add_(0, token_A, y_AD)
-    return out_ND, token_A.numel()
+    plan = make_plan(expert_indices_NK, experts.w_in.shape[0], capacity)
+    out_ND = experts(x_ND, expert_weights_NK.t(), plan)
+    return out_ND, plan.token_A.numel()
 
 
 def moe_forward_reference(layer: MoEFeedForward, x_BTD: torch.Tensor) -> torch.Tensor:

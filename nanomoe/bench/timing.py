@@ -8,29 +8,60 @@ from collections.abc import Callable
 
 import torch
 
+# A sample during which other processes used more than this much CPU time (in clock ticks, usually
+# 10 ms each) is thrown away and taken again: on a small shared machine one busy neighbour can
+# double a timing, and the median of a handful of repeats does not hide that.
+_FOREIGN_TICKS_ALLOWED = 1
+_MAX_RETRIES_PER_SAMPLE = 5
+
 
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of the whole machine, ticks of this process) from /proc, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            mine = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy, int(mine[11]) + int(mine[12])  # utime + stime, all threads
+
+
+def _foreign_ticks(before, after) -> int:
+    if before is None or after is None:
+        return 0
+    return (after[0] - before[0]) - (after[1] - before[1])
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2, device="cpu", inner: int = 1
 ) -> dict[str, float]:
     """Median seconds per call of each fn, measured round-robin so drifts in machine speed
-    (thermal, other processes) hit every candidate alike."""
+    (thermal, other processes) hit every candidate alike. On Linux, a sample during which another
+    process took CPU time is retaken (a few times at most)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / inner)
+            for attempt in range(_MAX_RETRIES_PER_SAMPLE + 1):
+                sync(device)
+                ticks = _cpu_ticks()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                sync(device)
+                seconds = (time.perf_counter() - t0) / inner
+                if _foreign_ticks(ticks, _cpu_ticks()) <= _FOREIGN_TICKS_ALLOWED:
+                    break
+            samples[name].append(seconds)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -40,3 +71,4 @@ def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, device="cpu", size: i
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = time_interleaved({"mm": lambda: a @ b}, repeats=repeats, warmup=2, device=device)["mm"]
     return 2 * size**3 / seconds
+
