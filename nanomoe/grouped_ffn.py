@@ -193,7 +193,7 @@ class _GroupedFFN(torch.autograd.Function):
             du_AH = da_AH * s_AH
             dh_AH = torch.ops.aten.silu_backward(da_AH.mul_(u_AH), h_AH, grad_input=da_AH)
         elif ctx.activation == "relu":
-            dh_AH = torch.threshold_backward(da_AH, a_AH, 0, grad_input=da_AH)  # a > 0 exactly where h > 0
+            dh_AH = torch.ops.aten.threshold_backward(da_AH, a_AH, 0, grad_input=da_AH)  # a > 0 exactly where h > 0
         else:
             dh_AH = torch.ops.aten.gelu_backward(da_AH, h_AH, approximate="tanh", grad_input=da_AH)
 

@@ -13,6 +13,7 @@ from nanomoe.moe import (
     moe_forward_reference,
     router_z_loss,
 )
+from nanomoe.grouped_ffn import grouped_ffn, make_plan
 from nanomoe.model import FeedForward, GPT
 from nanomoe.presets import get_preset
 
@@ -251,3 +252,76 @@ def test_router_runs_in_fp32_under_bf16_autocast():
     assert r.router_logits_NE.dtype == torch.float32
     assert r.expert_weights_NK.dtype == torch.float32
     assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The grouped expert Function (grouped_ffn.py): its hand-written backward against autograd
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "relu", "gelu"])
+@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
+def test_grouped_ffn_gradcheck_float64(ffn, top_k, capacity):
+    N, D, H, E = 7, 5, 4, 3
+    torch.manual_seed(0)
+    w_in = torch.randn(E, D, 2 * H if ffn == "swiglu" else H, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(E, H, D, dtype=torch.float64, requires_grad=True)
+    b_in = torch.randn(E, w_in.shape[-1], dtype=torch.float64, requires_grad=True)
+    b_out = torch.randn(E, D, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    gate_KN = torch.rand(top_k, N, dtype=torch.float64, requires_grad=True)
+    # expert 2 gets nothing: its gradients must come back exactly zero
+    indices_NK = torch.stack([torch.randperm(E - 1)[:top_k] for _ in range(N)])
+    plan = make_plan(indices_NK, E, capacity)
+    if capacity is not None:
+        assert plan.token_A.numel() < N * top_k  # the case really drops something
+
+    def f(x, gate_KN, w_in, w_out, b_in, b_out):
+        return grouped_ffn(x, gate_KN, plan, w_in, w_out, b_in, b_out, ffn)
+
+    assert torch.autograd.gradcheck(f, (x, gate_KN, w_in, w_out, b_in, b_out))
+    f(x, gate_KN, w_in, w_out, b_in, b_out).sum().backward()
+    assert torch.count_nonzero(w_in.grad[2]) == 0 and torch.count_nonzero(w_out.grad[2]) == 0
+
+
+def test_fast_dispatch_matches_reference_with_capacity_dropping_outputs_and_grads():
+    layer = make_layer(capacity_factor=0.5, bias=True)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    assert layer(x)[1].dropped_fraction.item() > 0
+    fast, fast_grads = output_and_grads(layer, x, lambda: layer(x)[0])
+    ref, ref_grads = output_and_grads(layer, x, lambda: moe_forward_reference(layer, x))
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    for g_fast, g_ref in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "gelu"])  # smooth: relu's kink flips under bf16 rounding
+def test_bf16_autocast_matches_reference_loosely_and_keeps_fp32_grads(ffn):
+    layer = make_layer(ffn=ffn)
+    x = torch.randn(2, 24, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, fast_grads = output_and_grads(layer, x, lambda: layer(x)[0].float())
+    ref, ref_grads = output_and_grads(layer, x, lambda: moe_forward_reference(layer, x))
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    for p, g_fast, g_ref in zip(list(layer.parameters()) + [x], fast_grads, ref_grads, strict=True):
+        assert g_fast.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(g_fast, g_ref, atol=0.05 * g_ref.abs().max().item() + 1e-6, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer()
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    plain, plain_grads = output_and_grads(layer, x, lambda: layer(x)[0])
+    ckpt, ckpt_grads = output_and_grads(layer, x, lambda: checkpoint(lambda t: layer(t)[0], x, use_reentrant=False))
+    torch.testing.assert_close(ckpt, plain, atol=0, rtol=0)
+    for g_ckpt, g_plain in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(g_ckpt, g_plain, atol=0, rtol=0)
+
+
+def test_expert_weights_stay_plain_parameters():
+    experts = make_layer(bias=True).experts
+    names = {name: type(p) for name, p in experts.named_parameters()}
+    assert names == {"w_in": torch.nn.Parameter, "w_out": torch.nn.Parameter, "b_in": torch.nn.Parameter, "b_out": torch.nn.Parameter}
+    assert experts.w_in.shape == (4, 64, 256) and experts.w_out.shape == (4, 128, 64)

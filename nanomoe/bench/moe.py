@@ -34,8 +34,18 @@ def cmd_bench_moe(args) -> int:
     run it with nothing else busy on the machine."""
     import torch
 
+    threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _bench_moe(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _bench_moe(args) -> int:
+    import torch
+
     devices = [args.device]
     if args.device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,0 +1,21 @@
+"""Benchmarks run end to end on a tiny shape and print what they promise. No timings are asserted."""
+
+import importlib.util
+import json
+
+from nanomoe.cli import main
+
+
+def test_bench_moe_json_has_the_headline_keys(capsys):
+    argv = ["bench", "moe", "--json", "--tokens", "64", "--n-embd", "16", "--expert-hidden", "32", "--n-experts", "4"]
+    assert main(argv + ["--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    keys = ["ratio_vs_dense_bf16", "ratio_vs_dense_fp32", "speedup_vs_reference_bf16"]
+    if importlib.util.find_spec("transformers") is not None:
+        keys.append("speedup_vs_hf_bf16")
+        # same weights, same function: Hugging Face's block must agree with nanomoe's reference loop
+        assert report["max_abs_diff_vs_reference_fp32"]["hf"] < 1e-5
+    for key in keys:
+        assert report[key] > 0, key
+    assert report["max_abs_diff_vs_reference_fp32"]["nanomoe"] < 1e-5
+    assert report["shape"]["n_experts"] == 4
