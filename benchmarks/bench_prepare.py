@@ -2,8 +2,8 @@
 
 Both sides start from a freshly loaded tokenizer and the same documents, and each repeat runs in
 its own subprocess, so neither gets a warm BPE cache from the other. Repeats are interleaved and
-both the median and the minimum are reported: on a shared machine the minimum is the better
-estimate of what the work itself costs.
+both the median and the minimum wall time are reported, plus the median CPU time (all threads):
+on a shared machine the minimum and the CPU time are the better estimates of what the work costs.
 
     python benchmarks/bench_prepare.py --source ../shared/data/tinystories [--repeats 5] [--json]
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,18 +32,18 @@ from tokenizers import Tokenizer
 from nanomoe.data.sources import open_source, split_documents
 docs = [t for _, t in split_documents(open_source(sys.argv[1]))]
 tok = Tokenizer.from_file(sys.argv[2])
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 tok.encode_batch(docs)
-print(time.perf_counter() - t0)
+print(time.perf_counter() - t0, time.process_time() - c0)
 """
 
 PREPARE = """
 import sys, time
 from nanomoe.data.prepare import run_prepare
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 r = run_prepare(sys.argv[1], sys.argv[3], tokenizer=sys.argv[2], progress=False)
 assert not r.skipped
-print(time.perf_counter() - t0, r.source_bytes)
+print(time.perf_counter() - t0, time.process_time() - c0, r.source_bytes)
 """
 
 
@@ -68,42 +69,56 @@ def main() -> None:
             tokenizer = str(train_bpe_tokenizer(open_source(args.source).documents("train"), 2048).save(
                 Path(tmp) / "tokenizer.json"))
         baseline, prep, cli = [], [], []
+        baseline_cpu, prep_cpu = [], []
         n_bytes = 0
         for i in range(args.repeats):  # interleaved, so load from other processes hits both alike
-            baseline.append(run(BASELINE, args.source, tokenizer)[0])
-            seconds, n_bytes = run(PREPARE, args.source, tokenizer, f"{tmp}/prep{i}")
+            seconds, cpu = run(BASELINE, args.source, tokenizer)
+            baseline.append(seconds)
+            baseline_cpu.append(cpu)
+            seconds, cpu, n_bytes = run(PREPARE, args.source, tokenizer, f"{tmp}/prep{i}")
             prep.append(seconds)
+            prep_cpu.append(cpu)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "nanomoe", "prepare", "--source", args.source, "--out",
                             f"{tmp}/cli{i}", "--tokenizer", tokenizer, "--no-progress"], check=True,
                            capture_output=True)
             cli.append(time.perf_counter() - t0)
 
-    b, p, c = statistics.median(baseline), statistics.median(prep), statistics.median(cli)
+    med = statistics.median
+    b, p, c = med(baseline), med(prep), med(cli)
     b_min, p_min = min(baseline), min(prep)
+    mb = n_bytes / 1e6
     result = dict(
         source=args.source,
-        megabytes=n_bytes / 1e6,
+        megabytes=mb,
         repeats=args.repeats,
+        cpus=os.cpu_count(),
+        load_average=os.getloadavg()[0],
         encode_batch_seconds=b,
         prepare_seconds=p,
         ratio=p / b,
         encode_batch_min_seconds=b_min,
         prepare_min_seconds=p_min,
         ratio_of_minimums=p_min / b_min,
-        prepare_mb_per_s=n_bytes / 1e6 / p,
-        encode_batch_mb_per_s=n_bytes / 1e6 / b,
+        encode_batch_cpu_seconds=med(baseline_cpu),
+        prepare_cpu_seconds=med(prep_cpu),
+        cpu_ratio=med(prep_cpu) / med(baseline_cpu),
+        prepare_mb_per_s=mb / p,
+        encode_batch_mb_per_s=mb / b,
         cli_seconds=c,
-        all=dict(encode_batch=baseline, prepare=prep, cli=cli),
+        all=dict(encode_batch=baseline, prepare=prep, encode_batch_cpu=baseline_cpu, prepare_cpu=prep_cpu, cli=cli),
     )
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    mb = result["megabytes"]
-    print(f"{mb:.2f} MB of text, {args.repeats} repeats          median              minimum")
-    print(f"  encode_batch (one call)   {b:7.3f} s {mb / b:6.2f} MB/s   {b_min:7.3f} s {mb / b_min:6.2f} MB/s")
-    print(f"  prepare (end to end)      {p:7.3f} s {mb / p:6.2f} MB/s   {p_min:7.3f} s {mb / p_min:6.2f} MB/s")
-    print(f"  ratio prepare / encode_batch   {p / b:.2f}x               {p_min / b_min:.2f}x   (target <= 1.25x)")
+    print(f"{mb:.2f} MB of text, {args.repeats} repeats, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print("                               median wall         minimum wall        median CPU time")
+    print(f"  encode_batch (one call)   {b:7.3f} s {mb / b:5.2f} MB/s   {b_min:7.3f} s {mb / b_min:5.2f} MB/s"
+          f"   {med(baseline_cpu):7.3f} s")
+    print(f"  prepare (end to end)      {p:7.3f} s {mb / p:5.2f} MB/s   {p_min:7.3f} s {mb / p_min:5.2f} MB/s"
+          f"   {med(prep_cpu):7.3f} s")
+    print(f"  ratio prepare / encode_batch   {p / b:.2f}x               {p_min / b_min:.2f}x"
+          f"               {med(prep_cpu) / med(baseline_cpu):.2f}x   (target <= 1.25x)")
     print(f"  nanomoe prepare (CLI)     {c:7.3f} s  (median, with Python start-up and imports)")
 
 

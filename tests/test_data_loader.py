@@ -138,7 +138,7 @@ def test_packed_eval_covers_every_target_token_exactly_once(data_dir):
                 continue  # a padding row after the last window
             n_targets += n
             # which window is this? window k holds x = tokens[kT : kT+n] and y = tokens[kT+1 : kT+1+n]
-            def is_window(k):
+            def is_window(k, n=n, row_x=row_x, row_y=row_y):
                 start = k * T
                 return (min(T, len(tokens) - 1 - start) == n and (tokens[start : start + n] == row_x[:n]).all()
                         and (tokens[start + 1 : start + 1 + n] == row_y[:n]).all())

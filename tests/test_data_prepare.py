@@ -174,6 +174,17 @@ def test_folder_with_train_and_valid_subfolders_gives_the_splits(tmp_path, docs,
     assert meta["options"]["has_own_val_split"] is True
 
 
+def test_folders_under_hidden_folders_are_read_but_hidden_files_in_them_are_not(tmp_path, docs, tokenizer_path):
+    root = tmp_path / ".cache" / "corpus"  # e.g. under ~/.cache
+    write_eot_txt(root / "a.txt", docs[:30])
+    write_eot_txt(root / ".partial" / "b.txt", docs[30:])
+    write_eot_txt(root / ".c.txt", docs[30:])
+    out = prepare_data(root, tmp_path / "d", tokenizer=tokenizer_path, progress=False)
+    assert sum(s["documents"] for s in read_meta(out)["splits"].values()) == 30
+    with pytest.raises(DataError, match="inside the source folder"):
+        prepare_data(root, root / "prepared", tokenizer=tokenizer_path, progress=False)
+
+
 def test_held_out_validation_split_and_counts(tmp_path, docs, tokenizer_path):
     src = write_eot_txt(tmp_path / "s.txt", docs)
     out = prepare_data(src, tmp_path / "a", tokenizer=tokenizer_path, val_fraction=0.25, seed=1, progress=False)
@@ -395,7 +406,8 @@ def test_non_utf8_bytes_are_located_or_replaced(tmp_path, tokenizer_path):
     good = f"A fine story.\n{EOT}\nAnother one, ok.\n{EOT}\n".encode()
     path = tmp_path / "latin1.txt"
     path.write_bytes(good + b"Caf\xe9 au lait.\n" + EOT.encode() + b"\n")
-    with pytest.raises(DataError, match=rf"latin1.txt: invalid UTF-8 at byte offset {len(good) + 3}\b.*--errors replace"):
+    offset = len(good) + len(b"Caf")
+    with pytest.raises(DataError, match=rf"latin1.txt: invalid UTF-8 at byte offset {offset}\b.*--errors replace"):
         prepare_data(path, tmp_path / "d", tokenizer=tokenizer_path, progress=False)
     assert no_data_left(tmp_path / "d")
     jsonl = tmp_path / "bad.jsonl"

@@ -121,12 +121,16 @@ def cmd_prepare(args) -> int:
     meta = result.meta
     if args.json:
         print(json.dumps(dict(data_dir=str(result.data_dir), skipped=result.skipped, seconds=result.seconds,
-                              mb_per_s=result.mb_per_s, meta=meta), indent=2))
+                              tokenizer_seconds=result.tokenizer_seconds, mb_per_s=result.mb_per_s, meta=meta),
+                         indent=2))
         return 0
     if result.skipped:
         print(f"{result.data_dir} is up to date (same source, tokenizer and options); nothing to do")
     else:
-        print(f"prepared {result.data_dir} in {result.seconds:.2f} s: "
+        trained = ""
+        if result.tokenizer_seconds:
+            trained = f", of which {result.tokenizer_seconds:.2f} s training the tokenizer"
+        print(f"prepared {result.data_dir} in {result.seconds:.2f} s{trained}: "
               f"{result.source_bytes / 1e6:.1f} MB of text at {result.mb_per_s:.1f} MB/s")
     print(f"  source     {meta['source']}")
     print(f"  tokenizer  {meta['tokenizer_kind']}, vocab {meta['vocab_size']}, sha256 {meta['tokenizer_sha256'][:12]}, "

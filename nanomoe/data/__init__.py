@@ -16,9 +16,9 @@ from .prepare import (
     cache_root,
     check_compatible,
     load_data_tokenizer,
-    run_prepare,
     prepare_data,
     read_meta,
+    run_prepare,
 )
 from .sources import Source, open_source, split_documents
 from .tokenizer import (

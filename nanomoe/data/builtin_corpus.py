@@ -455,7 +455,8 @@ def plot_lost(s: Story) -> None:
                        "Yay! My {thing}! Thank you!"], ("said", "cheered", "shouted"))
     happy_end(s)
     moral(s, ["Friends help each other.", "It is good to ask for help.", "Take good care of the things you love.",
-              "Never give up when you look for something."], ["{name} took good care of {his} {thing}.", "{name} always helped friends look for lost things."])
+              "Never give up when you look for something."],
+              ["{name} took good care of {his} {thing}.", "{name} always helped friends look for lost things."])
 
 
 def plot_sharing(s: Story) -> None:
@@ -483,7 +484,8 @@ def plot_sharing(s: Story) -> None:
           "The two friends sat down and shared the {treat}.")
     happy_end(s)
     moral(s, ["Sharing makes everyone happy.", "It is nice to share.", "When you share, you get a friend.",
-              "Kindness is the best treat."], ["{name} always shared with {his} friends.", "{name} never ate {treat} alone again."])
+              "Kindness is the best treat."],
+              ["{name} always shared with {his} friends.", "{name} never ate {treat} alone again."])
 
 
 def plot_new_friend(s: Story) -> None:
@@ -505,7 +507,8 @@ def plot_new_friend(s: Story) -> None:
           "When the sun went down, they promised to play again tomorrow.")
     happy_end(s)
     moral(s, ["Saying hello can make a new friend.", "Being brave can bring good things.",
-              "Everyone needs a friend."], ["{name} was never lonely at {place} again.", "{name} always said hello to new children."])
+              "Everyone needs a friend."],
+              ["{name} was never lonely at {place} again.", "{name} always said hello to new children."])
 
 
 FEARS = [
@@ -542,7 +545,8 @@ def plot_fear(s: Story) -> None:
     s.say("{Parent} was very proud of {him}.", "{Parent} clapped and cheered.")
     happy_end(s)
     moral(s, ["Being brave means trying even when you are scared.", "Things are often less scary than they look.",
-              "It helps to have someone who loves you nearby."], ["{name} was not afraid of {fear} anymore.", "{name} was a little braver every day."])
+              "It helps to have someone who loves you nearby."],
+              ["{name} was not afraid of {fear} anymore.", "{name} was a little braver every day."])
 
 
 HURT = [
@@ -568,7 +572,8 @@ def plot_helping(s: Story) -> None:
     s.say("Suddenly, {name} heard a small sound.", "Then {name} saw something {spot}.",
           "As {he} walked, {name} heard a little cry.")
     s.say("It was {hurt}!", "{He} found {hurt}.", "There was {hurt}.")
-    s.quote("{name}", ["Oh no! {Who} needs help!", "Poor little thing. I will help you.", "Don't be scared. I am here."],
+    s.quote("{name}", ["Oh no! {Who} needs help!", "Poor little thing. I will help you.",
+                       "Don't be scared. I am here."],
             ("said", "whispered"))
     if s.rng.random() < 0.5:
         s.say("{Name} ran to get {parent}.", "{Name} called {fname} to help.")
@@ -580,7 +585,8 @@ def plot_helping(s: Story) -> None:
     s.quote("{name}", ["Goodbye, little friend!", "Be safe!", "I am glad you are okay."], ("said", "called", "waved"))
     happy_end(s)
     moral(s, ["Always help those who are small and weak.", "Kindness makes the world better.",
-              "A small act of kindness can mean a lot."], ["{name} always looked out for animals in need.", "{name} helped whenever {he} could."])
+              "A small act of kindness can mean a lot."],
+              ["{name} always looked out for animals in need.", "{name} helped whenever {he} could."])
 
 
 BREAKABLES = [("vase", "broke into pieces"), ("plate", "cracked in two"), ("lamp", "fell and broke"),
@@ -591,12 +597,14 @@ def plot_mistake(s: Story) -> None:
     thing, broke = s.rng.choice(BREAKABLES)
     s.ctx.update(breakable=thing, broke=broke)
     s.say("{Parent} had a special {breakable}.", "On a shelf in the house there was a pretty {breakable}.")
-    s.maybe(0.7, "{Parent} said, \"Please be careful with the {breakable}.\"", "{Parent} loved that {breakable} very much.")
+    s.maybe(0.7, "{Parent} said, \"Please be careful with the {breakable}.\"",
+            "{Parent} loved that {breakable} very much.")
     s.say("{time}, {name} was playing with {his} {obj} inside the house.",
           "{time}, {name} was running and jumping in the living room.")
     s.say("Oops! {Name} bumped the shelf and the {breakable} {broke}.",
           "Crash! The {breakable} {broke}.", "{Name} bumped the table. The {breakable} {broke}!")
-    s.say("{Name} was scared. {He} hid the pieces {spot}.", "{Name} did not want to get in trouble, so {he} hid the pieces.",
+    s.say("{Name} was scared. {He} hid the pieces {spot}.",
+          "{Name} did not want to get in trouble, so {he} hid the pieces.",
           "{Name} ran to {his} room and did not say anything.")
     s.say("{Parent} looked for the {breakable} everywhere.", "Later, {parent} asked, \"Where is my {breakable}?\"")
     s.say("{Name} felt a heavy feeling in {his} tummy.", "{Name} could not eat {his} dinner.",
@@ -611,7 +619,8 @@ def plot_mistake(s: Story) -> None:
           "They glued the {breakable} back together.")
     happy_end(s)
     moral(s, ["Always tell the truth.", "Being honest is better than hiding a mistake.",
-              "Everyone makes mistakes. Saying sorry makes it better."], ["{name} always told the truth.", "{name} was always careful near the {breakable}."])
+              "Everyone makes mistakes. Saying sorry makes it better."],
+              ["{name} always told the truth.", "{name} was always careful near the {breakable}."])
 
 
 BUILDS = [  # (what, what ruins it, how, the only place it can be built or None)
@@ -626,11 +635,12 @@ BUILDS = [  # (what, what ruins it, how, the only place it can be built or None)
 
 
 def plot_building(s: Story) -> None:
-    what, enemy, ruin, where = s.rng.choice([b for b in BUILDS if b[3] in (None, s.ctx["place"])])
+    what, enemy, ruin, _ = s.rng.choice([b for b in BUILDS if b[3] in (None, s.ctx["place"])])
     s.ctx.update(build=what, enemy=enemy, ruin=ruin)
     set_scene(s)
     meet_friend(s)
-    s.quote("{name}", ["Let's build {build}!", "I have an idea. We can build {build}!", "Do you want to build {build}?"],
+    s.quote("{name}", ["Let's build {build}!", "I have an idea. We can build {build}!",
+                       "Do you want to build {build}?"],
             ("said",))
     s.say("They worked hard all morning.", "They worked and worked.", "{Name} carried things and {fname} stacked them.")
     s.say("It was the best one they had ever made.", "Soon they had {build}. It was wonderful.")
@@ -643,7 +653,8 @@ def plot_building(s: Story) -> None:
     s.say("This time it was even bigger and stronger.", "The new one was even better than the first.")
     happy_end(s)
     moral(s, ["Don't give up when things go wrong.", "Working together makes things better.",
-              "If at first you don't succeed, try again."], ["{name} never gave up so quickly.", "{name} liked to build things with friends."])
+              "If at first you don't succeed, try again."],
+              ["{name} never gave up so quickly.", "{name} liked to build things with friends."])
 
 
 def plot_race(s: Story) -> None:
@@ -661,10 +672,12 @@ def plot_race(s: Story) -> None:
     s.quote("{name}", ["Are you okay? Let me help you.", "Hold my hand. We can finish together."], ("said",))
     s.say("They walked to the finish line together.", "Side by side, they crossed the finish line last.")
     s.say("{Name} did not win the race.", "Everyone else had already finished.")
-    s.say("But everyone clapped for {name} and {fname}.", "But {parent} said it was the kindest thing {he} had ever seen.")
+    s.say("But everyone clapped for {name} and {fname}.",
+          "But {parent} said it was the kindest thing {he} had ever seen.")
     happy_end(s)
     moral(s, ["Being kind is better than winning.", "A true friend helps you up when you fall.",
-              "Helping others is the real prize."], ["{name} cared more about friends than about winning.", "{name} always stopped to help."])
+              "Helping others is the real prize."],
+              ["{name} cared more about friends than about winning.", "{name} always stopped to help."])
 
 
 PLANTS = ["sunflower", "tomato", "bean", "pumpkin", "carrot", "apple tree", "rose", "strawberry"]
@@ -690,7 +703,8 @@ def plot_garden(s: Story) -> None:
     s.maybe(0.5, "{Name} shared it with {fname}.", "{Name} showed it to everyone.")
     happy_end(s)
     moral(s, ["Good things come to those who wait.", "Patience and care help things grow.",
-              "Taking care of something every day makes it strong."], ["{name} was a little more patient.", "{name} watered {his} {plant} every day."])
+              "Taking care of something every day makes it strong."],
+              ["{name} was a little more patient.", "{name} watered {his} {plant} every day."])
 
 
 NEW_THINGS = [
@@ -720,7 +734,8 @@ def plot_try_new(s: Story) -> None:
     s.say("Then one day, {name} {win}!", "Finally, {name} {win}.")
     s.quote("{name}", ["I did it!", "Look at me! I can {goal}!", "I knew I could do it!"], ("shouted", "cheered"))
     happy_end(s)
-    moral(s, ["Practice makes things easier.", "Never give up on something new.", "Trying is how we learn."], ["{name} loved to {goal}.", "{name} tried new things without being scared."])
+    moral(s, ["Practice makes things easier.", "Never give up on something new.", "Trying is how we learn."],
+              ["{name} loved to {goal}.", "{name} tried new things without being scared."])
 
 
 def plot_surprise(s: Story) -> None:
@@ -739,7 +754,9 @@ def plot_surprise(s: Story) -> None:
     s.say("They cleaned up together and ate the cake anyway.", "{Parent} put the card on the wall for everyone to see.")
     happy_end(s)
     moral(s, ["A gift made with love is the best gift.", "It is the thought that counts.",
-              "Love matters more than being perfect."], ["{name} made a card for everyone on their birthday.", "{name} knew love matters more than being perfect."])
+              "Love matters more than being perfect."],
+              ["{name} made a card for everyone on their birthday.",
+               "{name} knew love matters more than being perfect."])
 
 
 DISCOVERIES = [
@@ -772,7 +789,8 @@ def plot_discovery(s: Story) -> None:
     s.maybe(0.5, "{Parent} listened and smiled.", "{Parent} said it sounded like a wonderful adventure.")
     happy_end(s)
     moral(s, ["The world is full of wonderful surprises.", "Adventures are better with a friend.",
-              "Being curious helps you learn new things."], ["{name} went exploring every week.", "{name} always remembered that day."])
+              "Being curious helps you learn new things."],
+              ["{name} went exploring every week.", "{name} always remembered that day."])
 
 
 def plot_weather(s: Story) -> None:
@@ -791,12 +809,14 @@ def plot_weather(s: Story) -> None:
     s.quote("{fname}", ["Look, a rainbow!", "That was the best rainy day!"], ("said", "shouted"))
     happy_end(s)
     moral(s, ["You can have fun on any day.", "Good things can come from bad weather.",
-              "A happy heart finds fun everywhere."], ["{name} did not mind the rain.", "{name} loved to jump in puddles."])
+              "A happy heart finds fun everywhere."],
+              ["{name} did not mind the rain.", "{name} loved to jump in puddles."])
 
 
 def plot_greedy(s: Story) -> None:
     s.say("{Parent} baked a big plate of {treat}.", "There was a big jar of {treat} in the kitchen.")
-    s.quote("{parent}", ["You may have two, and save the rest for later.", "Only a few, please. They are for everyone."],
+    s.quote("{parent}", ["You may have two, and save the rest for later.",
+                         "Only a few, please. They are for everyone."],
             ("said",))
     s.say("But the {treat} looked so yummy.", "But {name} wanted more.")
     s.say("When no one was looking, {name} ate one, then another, then another.",
@@ -810,7 +830,8 @@ def plot_greedy(s: Story) -> None:
     s.say("The next day, {name} shared {his} {treat} with {fname}.", "The next time, {name} took just two.")
     happy_end(s)
     moral(s, ["Too much of a good thing is not good.", "Listen to the people who care for you.",
-              "It is better to share than to eat everything."], ["{name} only ate what {he} needed.", "{name} listened to {parent}."])
+              "It is better to share than to eat everything."],
+              ["{name} only ate what {he} needed.", "{name} listened to {parent}."])
 
 
 PLOTS = [plot_lost, plot_sharing, plot_new_friend, plot_fear, plot_helping, plot_mistake, plot_building,

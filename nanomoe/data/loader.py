@@ -126,7 +126,8 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` left off (the next batch is the one that run would have drawn next)."""
         mine = self.state_dict()
-        changed = [k for k in ("split", "mode", "global_batch_size", "block_size") if k in state and state[k] != mine[k]]
+        keys = ("split", "mode", "global_batch_size", "block_size")
+        changed = [k for k in keys if k in state and state[k] != mine[k]]
         if changed:
             warnings.warn(
                 f"data loader resumed with different {', '.join(changed)}: "
@@ -142,7 +143,9 @@ class BatchLoader:
         n = math.ceil(self._num_eval_rows() / (self.world_size * batch_size))
         return n if max_batches is None else min(n, max_batches)
 
-    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(
+        self, batch_size: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over the split: every target token once (packed) or every document once (documents).
 
         Weight each batch by its number of targets != -100 to average over the split.
@@ -194,7 +197,9 @@ class BatchLoader:
         x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
         y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
         if self.device is not None and self.device.type == "cuda":
-            return x_t.pin_memory().to(self.device, non_blocking=True), y_t.pin_memory().to(self.device, non_blocking=True)
+            # pinned host memory lets the copy overlap with compute
+            x_t = x_t.pin_memory().to(self.device, non_blocking=True)
+            return x_t, y_t.pin_memory().to(self.device, non_blocking=True)
         if self.device is not None:
             return x_t.to(self.device), y_t.to(self.device)
         return x_t, y_t

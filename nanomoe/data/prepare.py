@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class PrepareResult:
     skipped: bool  # True when the data dir was already up to date
     seconds: float
     source_bytes: int  # UTF-8 bytes of all documents encoded (0 when skipped)
+    tokenizer_seconds: float = 0.0  # of `seconds`, spent training the tokenizer
 
     @property
     def mb_per_s(self) -> float:
@@ -104,6 +106,10 @@ def run_prepare(
         check_vocab_size(vocab_size, tokenizer_kind)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder for the data")
+    source_dir = getattr(src, "path", None)
+    if source_dir is not None and source_dir.is_dir() and out.resolve().is_relative_to(source_dir.resolve()):
+        # its meta.json and tokenizer.json would be read back as data by the next run
+        raise DataError(f"--out {out} is inside the source folder {source_dir}; write the data dir elsewhere")
 
     recipe = dict(
         format_version=FORMAT_VERSION,
@@ -125,12 +131,16 @@ def run_prepare(
             _check_same_tokenizer(out, existing, tokenizer, overwrite)
         _remove_temporaries(out)
 
+        tokenizer_seconds = 0.0
         if tokenizer is None:
+            t_train = time.perf_counter()
             texts = (text for _, text in split_documents(src, only="train", **split_options))
             if tokenizer_kind == "bpe":
-                tokenizer = train_bpe_tokenizer(texts, vocab_size, show_progress=progress)
+                # the Rust progress bars only render well on a terminal
+                tokenizer = train_bpe_tokenizer(texts, vocab_size, show_progress=progress and sys.stderr.isatty())
             else:
                 tokenizer = train_word_tokenizer(texts, vocab_size)
+            tokenizer_seconds = time.perf_counter() - t_train
             if existing is not None:
                 _check_same_tokenizer(out, existing, tokenizer, overwrite)
 
@@ -154,7 +164,7 @@ def run_prepare(
                 path.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     return PrepareResult(out, meta, skipped=False, seconds=seconds,
-                         source_bytes=sum(stats[s]["bytes"] for s in SPLITS))
+                         source_bytes=sum(stats[s]["bytes"] for s in SPLITS), tokenizer_seconds=tokenizer_seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +333,9 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     """meta.json of a complete, unmodified data dir, else a DataError that says what to run."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"data dir {data_dir} not found; create it with `nanomoe prepare --source ... --out {data_dir}`")
+        raise DataError(
+            f"data dir {data_dir} not found; create it with `nanomoe prepare --source ... --out {data_dir}`"
+        )
     path = data_dir / META
     if not path.is_file():
         raise DataError(
@@ -341,16 +353,19 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
             f"{data_dir} was prepared in data format {meta.get('format_version')}, this nanomoe reads "
             f"{FORMAT_VERSION}; run `nanomoe prepare` again"
         )
-    for name, size in meta["files"].items():
-        f = data_dir / name
-        if not f.is_file() or f.stat().st_size != size:
-            raise DataError(
-                f"{f} is missing or has a different size than {META} records: the data dir is incomplete "
-                "or was modified; run `nanomoe prepare` again"
-            )
-    with open(data_dir / meta["tokenizer_file"], "rb") as f:
-        if hashlib.sha256(f.read()).hexdigest() != meta["tokenizer_sha256"]:
-            raise DataError(f"{data_dir / meta['tokenizer_file']} does not match {META}; run `nanomoe prepare` again")
+    try:
+        for name, size in meta["files"].items():
+            f = data_dir / name
+            if not f.is_file() or f.stat().st_size != size:
+                raise DataError(
+                    f"{f} is missing or has a different size than {META} records: the data dir is incomplete "
+                    "or was modified; run `nanomoe prepare` again"
+                )
+        with open(data_dir / meta["tokenizer_file"], "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != meta["tokenizer_sha256"]:
+                raise DataError(f"{f.name} does not match {META}; run `nanomoe prepare` again")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} lacks field {e}; it is damaged: run `nanomoe prepare` again") from None
     return meta
 
 
@@ -381,7 +396,7 @@ def check_compatible(data_dir: str | os.PathLike, *, tokenizer: Tokenizer | None
 def _trusted_meta(data_dir: Path) -> dict | None:
     try:
         return read_meta(data_dir)
-    except (DataError, KeyError, OSError, TypeError):
+    except (DataError, OSError):
         return None
 
 

@@ -58,7 +58,7 @@ class Source:
         raise NotImplementedError
 
     def documents(self, split: str = "train", **split_options) -> Iterator[str]:
-        for s, text in split_documents(self, only=split, **split_options):
+        for _, text in split_documents(self, only=split, **split_options):
             yield text
 
 
@@ -241,7 +241,8 @@ def _check_file(path: Path) -> Path:
 def _data_files(folder: Path) -> list[Path]:
     files = sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in FORMATS and not any(part.startswith(".") for part in p.parts)
+        if p.is_file() and p.suffix.lower() in FORMATS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)  # hidden files and folders
     )
     if not files:
         raise DataError(f"{folder} holds no {', '.join(FORMATS)} files")
@@ -327,7 +328,9 @@ def _read_jsonl(path: Path, field: str, errors: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
             text = _text_of(record, field, f"{path}:{lineno}")
             if text:
                 yield text

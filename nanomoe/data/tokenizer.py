@@ -76,7 +76,7 @@ class Tokenizer:
         return path
 
     @staticmethod
-    def from_json_str(text: str) -> "Tokenizer":
+    def from_json_str(text: str) -> Tokenizer:
         return tokenizer_from_json_str(text)
 
     def __repr__(self) -> str:
