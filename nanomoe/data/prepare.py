@@ -42,6 +42,7 @@ FORMAT = "nanomoe-data"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 META = "meta.json"
+LOCK = ".prepare.lock"
 TOKENIZER = "tokenizer.json"
 CHUNK_CHARS = 2_000_000  # documents are encoded in chunks of about this many characters
 _TMP_MARK = ".tmp-"
@@ -122,7 +123,22 @@ def run_prepare(
     )
     inputs_key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_locked(src, out, tokenizer, tokenizer_kind, vocab_size, split_options, inputs_key, separator,
+                               text_field, errors, progress, overwrite, workers, t0)
+    except BaseException:
+        if created:  # a failed first run leaves no folder behind (it holds at most the lock file now)
+            (out / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _prepare_locked(src, out, tokenizer, tokenizer_kind, vocab_size, split_options, inputs_key, separator,
+                    text_field, errors, progress, overwrite, workers, t0) -> PrepareResult:
+    val_fraction = split_options["val_fraction"]
     with _locked(out):  # two processes preparing the same dir (e.g. several ranks) take turns
         existing = _trusted_meta(out)
         if existing is not None and existing.get("inputs_key") == inputs_key:
@@ -442,7 +458,7 @@ def _locked(out: Path):
     except ImportError:  # Windows: no advisory locks; concurrent prepares of one dir are not supported
         yield
         return
-    with open(out / ".prepare.lock", "a") as f:  # "a": never truncates, so a skipped run changes nothing
+    with open(out / LOCK, "a") as f:  # "a": never truncates, so a skipped run changes nothing
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
