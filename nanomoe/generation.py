@@ -1,73 +1,495 @@
-"""Sampling from a GPT with a KV cache.
+"""Sampling from a GPT: a static KV cache, batches of prompts of different lengths, streaming.
 
-`generate` is what `GPT.generate` calls: prefill the prompt once, then decode one token at a time
-reading earlier keys and values from the cache.
+Layers, from the bottom up:
+
+- `sample_next`: one next token per row from logits (temperature, top-k, top-p, repetition penalty).
+- `Decoder`: incremental decoding with a static KV cache. Prompts are left-padded into one batch;
+  every row has its own positions and an attention mask that hides its padding, so a short prompt
+  gives the same tokens whether it is alone or batched with longer ones. The one-token decode step
+  has fixed shapes at every position (the cache is written at a tensor slot and read whole), so
+  `torch.compile` builds it once and reuses it for every token.
+- `stream`: the token loop, one `Step` per new token position, with early stop per row.
+- `generate` (what `GPT.generate` calls) returns a (B, T + new) tensor; `generate_batch` takes
+  prompts of different lengths and returns each row's new tokens; `stream_text` adds incremental
+  detokenization and stop strings for the CLI and the chat.
+
+Shape legend: B batch (rows), T prompt positions (after left padding), S cache slots, V vocabulary,
+K experts per token.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, KVCache
+from .errors import ConfigError
+from .model import GPT
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   repetition_penalty: float = 1.0) -> None:
+    """Raise ConfigError for sampling settings that make no sense."""
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"top_k must be >= 1, or 0/None to keep every token; got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] (1 = keep every token), got {top_p}")
+    if repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty must be > 0 (1 = none, 1.1-1.3 typical), got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019, sec. 4.1) on tokens already in the row: positive logits are
+    divided by `penalty`, negative ones multiplied, so a seen token always becomes less likely."""
+    penalized = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return torch.where(seen_BV, penalized, logits_BV)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V). temperature 0 = greedy."""
+                top_p: float | None = None, generator: torch.Generator | None = None, *,
+                repetition_penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 = greedy.
+
+    top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p
+    (nucleus sampling, Holtzman et al. 2019); both apply after the temperature. `seen` (B, V) bool
+    marks tokens the repetition penalty applies to.
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits / temperature
+    vocab_ids = None  # when top-k narrowed the candidates: their token ids (B, k)
     if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, vocab_ids = torch.topk(logits, top_k, dim=-1)  # sorted, best first
     if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop_sorted = (cumulative - F.softmax(sorted_logits, dim=-1)) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        if vocab_ids is None:
+            logits, vocab_ids = torch.sort(logits, descending=True, dim=-1)
+        probs = F.softmax(logits, dim=-1)
+        # drop a token when the more likely tokens before it already reach top_p (the best one stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    if vocab_ids is not None:
+        choice = vocab_ids.gather(-1, choice)
+    return choice.squeeze(-1)
 
 
-@torch.no_grad()
+# ---------------------------------------------------------------------------------------------
+# Static KV cache and the decoder
+
+
+class StaticKVCache:
+    """Keys and values of every layer, one (B, Hkv, S, d) buffer per layer, for compiled decoding.
+
+    Unlike `model.KVCache`, new keys go to the slots in the tensor `write_slots` (set by the caller)
+    and `update` returns the whole buffer: shapes never change with the position, so one compiled
+    decode step serves every token. The attention mask hides slots not yet written (and padding).
+    """
+
+    def __init__(self, config, batch_size: int, max_len: int, *, dtype=None, device=None):
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        # separate buffers per layer: an in-place write into a view of one big tensor would make
+        # the compiled graph copy the whole cache every step
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.write_slots = torch.zeros(1, dtype=torch.long, device=device)
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, Hkv, T, d) at `write_slots` (T slots; `start_pos` is not used)."""
+        self.k[layer].index_copy_(2, self.write_slots, k)
+        self.v[layer].index_copy_(2, self.write_slots, v)
+        return self.k[layer], self.v[layer]
+
+
+def _decode_step(model: GPT, tokens_B: torch.Tensor, cache: StaticKVCache, pad_B: torch.Tensor):
+    """Logits (B, V) and per-MoE-layer expert choices [(B, K)] for one new token per row, written at
+    cache slot `cache.write_slots[0]`. Row b's prompt started at slot pad_B[b] (left padding)."""
+    slot = cache.write_slots  # (1,)
+    slots_S = torch.arange(cache.max_len, device=tokens_B.device)
+    visible_BS = (slots_S >= pad_B[:, None]) & (slots_S <= slot)  # this row's tokens, up to the new one
+    positions_B1 = (slot - pad_B)[:, None]
+    out = model(tokens_B[:, None], kv_cache=cache, positions=positions_B1, attn_mask=visible_BS[:, None, None, :])
+    return out.logits[:, -1], [s.expert_indices for s in out.moe]
+
+
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    """`_decode_step` under torch.compile (built lazily, shared by every Decoder: compiled code is
+    reused whenever the model, batch size and cache length match)."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(_decode_step, dynamic=False)
+    return _compiled_decode_step
+
+
+def cache_length(n_positions: int, block_size: int, multiple: int = 64) -> int:
+    """Cache slots for `n_positions`: rounded up to a multiple of 64 (so a compiled step is reused
+    across nearby lengths), at most block_size."""
+    return min(block_size, -(-n_positions // multiple) * multiple)
+
+
+class Decoder:
+    """Incremental decoding of a batch of prompts with a static KV cache.
+
+        dec = Decoder(model, batch_size=2, max_len=128)
+        logits_BV, experts = dec.prefill([[0, 17, 4], [0, 9]])   # prompts of different lengths
+        logits_BV, experts = dec.step(logits_BV.argmax(-1))      # one new token per row
+
+    `experts` holds, per MoE layer, the experts each row's token went to: (B, K) after a step,
+    (B, T, K) after prefill (padding included). With compile=True the one-token step runs under
+    torch.compile (the first step pays the compile time). Run it under torch.inference_mode().
+    """
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int, *, compile: bool = False):
+        cfg = model.config
+        if max_len > cfg.block_size:
+            raise ConfigError(
+                f"{max_len} positions do not fit the model's block_size ({cfg.block_size}); "
+                "use a shorter prompt or fewer new tokens"
+            )
+        weight = model.tok_emb.weight
+        self.model = model
+        self.batch_size = batch_size
+        self.cache = StaticKVCache(cfg, batch_size, max_len, dtype=weight.dtype, device=weight.device)
+        self.pad_B = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
+        self.next_slot = 0
+        self._step = compiled_decode_step() if compile else _decode_step
+
+    @property
+    def device(self) -> torch.device:
+        return self.pad_B.device
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def prefill(self, prompts: Sequence[Sequence[int]]):
+        """Run the prompts (left-padded into one batch); return last-position logits (B, V) and experts."""
+        if len(prompts) != self.batch_size:
+            raise ConfigError(f"this decoder was built for {self.batch_size} prompts, got {len(prompts)}")
+        idx_BT, pad_B = left_pad(prompts, device=self.device)
+        B, T = idx_BT.shape
+        if T >= self.max_len:
+            raise ConfigError(f"a prompt of {T} tokens leaves no room in a cache of {self.max_len} positions")
+        self.pad_B = pad_B
+        positions_BT, mask_B1TS = padded_positions_and_mask(pad_B, T, self.max_len)
+        self.cache.write_slots = torch.arange(T, device=self.device)
+        out = self.model(idx_BT, kv_cache=self.cache, positions=positions_BT, attn_mask=mask_B1TS)
+        self.next_slot = T
+        return out.logits[:, -1], [s.expert_indices.view(B, T, -1) for s in out.moe]
+
+    def step(self, tokens_B: torch.Tensor):
+        """Feed one token per row (B,); return the logits (B, V) for the next one and the experts."""
+        if self.next_slot >= self.max_len:
+            raise ConfigError(f"the cache holds {self.max_len} positions and is full")
+        self.cache.write_slots = torch.tensor([self.next_slot], device=self.device)
+        logits, experts = self._step(self.model, tokens_B, self.cache, self.pad_B)
+        self.next_slot += 1
+        return logits, experts
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one (B, T) batch, padded on the left; and each row's padding (B,)."""
+    if not prompts:
+        raise ConfigError("no prompts to generate from")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ConfigError("every prompt needs at least one token (start with <|endoftext|> for a story from scratch)")
+    T = max(lengths)
+    rows = [[pad_id] * (T - len(p)) + [int(t) for t in p] for p in prompts]
+    pad = [T - n for n in lengths]
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(pad, dtype=torch.long, device=device)
+
+
+def padded_positions_and_mask(pad_B: torch.Tensor, T: int, S: int | None = None):
+    """Positions (B, T) and attention mask (B, 1, T, S) for T left-padded queries at slots [0, T).
+
+    Query i of row b sees keys j <= i that are not padding (j >= pad_B[b]). A padding query sees
+    itself only (its output is never used, but a query that sees nothing would give NaN).
+    """
+    S = T if S is None else S
+    slots_T = torch.arange(T, device=pad_B.device)
+    slots_S = torch.arange(S, device=pad_B.device)
+    positions_BT = (slots_T[None, :] - pad_B[:, None]).clamp(min=0)
+    causal_TS = slots_S[None, :] <= slots_T[:, None]
+    not_pad_BS = slots_S[None, :] >= pad_B[:, None]
+    self_TS = slots_S[None, :] == slots_T[:, None]
+    mask_BTS = causal_TS[None] & (not_pad_BS[:, None, :] | self_TS[None])
+    return positions_BT, mask_BTS[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The token loop
+
+
+@dataclass
+class Step:
+    """One new position of every row."""
+
+    tokens: list[int | None]  # the new token of each row; None for rows that had already stopped
+    stopped: list[bool]  # True for rows whose token is a stop token (the row ends with it)
+    # per MoE layer (B, K): the experts that the token fed in to produce this step (the previous new
+    # token, or the prompt's last token at the first step) was routed to
+    experts: list[torch.Tensor] = field(default_factory=list)
+
+
+class Generation:
+    """Iterator of `Step`s for a batch of prompts (see `stream`); `stop(row)` ends a row early
+    (used for stop strings), and generation ends when every row has stopped."""
+
+    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (), seed: int | None = None,
+                 use_cache: bool = True, compile: bool = False, decoder: Decoder | None = None):
+        check_sampling(temperature, top_k, top_p, repetition_penalty)
+        self.model = model
+        self.prompts = [list(map(int, p)) for p in prompts]
+        left_pad(self.prompts)  # validates
+        longest = max(len(p) for p in self.prompts)
+        block_size = model.config.block_size
+        if longest > block_size:
+            raise ConfigError(f"a prompt of {longest} tokens exceeds the model's block_size ({block_size}); shorten it")
+        self.max_new_tokens = max(0, min(max_new_tokens, block_size - longest))
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        self.seed = seed
+        self.use_cache = use_cache
+        self.compile = compile
+        self.decoder = decoder
+        self.done = [False] * len(self.prompts)
+        self.prefill_seconds = 0.0  # time to the first token's logits (prompt processing)
+
+    def stop(self, row: int) -> None:
+        self.done[row] = True
+
+    def __iter__(self) -> Iterator[Step]:
+        model = self.model
+        B = len(self.prompts)
+        device = model.tok_emb.weight.device
+        generator = torch.Generator(device=device).manual_seed(self.seed) if self.seed is not None else None
+        stop_ids = self.stop_ids.to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                if self.max_new_tokens == 0:
+                    return
+                seen_BV = None
+                if self.sampling["repetition_penalty"] != 1.0:
+                    seen_BV = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+                    for b, p in enumerate(self.prompts):
+                        seen_BV[b, p] = True
+                if self.use_cache:
+                    decoder = self.decoder
+                    needed = max(len(p) for p in self.prompts) + self.max_new_tokens
+                    if decoder is None or decoder.batch_size != B or decoder.max_len < needed:
+                        decoder = Decoder(model, B, cache_length(needed, model.config.block_size), compile=self.compile)
+                    logits, experts = decoder.prefill(self.prompts)
+                    experts = [e[:, -1] for e in experts]
+                else:
+                    sequences = [list(p) for p in self.prompts]
+                    logits, experts = _full_forward(model, sequences)
+                self.prefill_seconds = time.perf_counter() - t0
+                for i in range(self.max_new_tokens):
+                    nxt_B = sample_next(logits, generator=generator, seen=seen_BV, **self.sampling)
+                    tokens = nxt_B.tolist()
+                    stopped = torch.isin(nxt_B, stop_ids).tolist() if len(stop_ids) else [False] * B
+                    step_tokens = [None if d else t for d, t in zip(self.done, tokens)]
+                    step_stopped = [s and not d for d, s in zip(self.done, stopped)]
+                    yield Step(step_tokens, step_stopped, experts)
+                    self.done = [d or s for d, s in zip(self.done, stopped)]
+                    if all(self.done) or i == self.max_new_tokens - 1:
+                        break
+                    if seen_BV is not None:
+                        seen_BV[torch.arange(B, device=device), nxt_B] = True
+                    if self.use_cache:
+                        logits, experts = decoder.step(nxt_B)
+                    else:
+                        for seq, t in zip(sequences, tokens):
+                            seq.append(t)
+                        logits, experts = _full_forward(model, sequences)
+        finally:
+            model.train(was_training)
+
+
+def _full_forward(model: GPT, sequences: list[list[int]]):
+    """Without a cache: run whole sequences (left-padded), return last logits (B, V) and experts."""
+    idx_BT, pad_B = left_pad(sequences, device=model.tok_emb.weight.device)
+    B, T = idx_BT.shape
+    positions_BT, mask_B1TS = padded_positions_and_mask(pad_B, T)
+    out = model(idx_BT, positions=positions_BT, attn_mask=mask_B1TS)
+    return out.logits[:, -1], [s.expert_indices.view(B, T, -1)[:, -1] for s in out.moe]
+
+
+def stream(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options) -> Generation:
+    """Generate from prompts of any lengths, one `Step` at a time:
+
+        for step in stream(model, [[0, 5, 9], [0, 7]], 50, temperature=0.8, stop_ids=[eot]):
+            print(step.tokens)   # e.g. [412, 3] then [17, None] once row 1 has stopped
+
+    Options: temperature, top_k, top_p, repetition_penalty, stop_ids, seed, use_cache, compile,
+    decoder (a `Decoder` to reuse, e.g. a compiled one).
+    """
+    return Generation(model, prompts, max_new_tokens, **options)
+
+
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options) -> list[list[int]]:
+    """The new tokens of each prompt (prompts may differ in length), up to and without a stop token."""
+    new: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, max_new_tokens, **options):
+        for row, (token, stopped) in enumerate(zip(step.tokens, step.stopped)):
+            if token is not None and not stopped:
+                new[row].append(token)
+    return new
+
+
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, stop_id: int | None = None,
-             seed: int | None = None, use_cache: bool = True) -> torch.Tensor:
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             stop_id: int | None = None, stop_ids: Sequence[int] = (), seed: int | None = None,
+             use_cache: bool = True, compile: bool = False) -> torch.Tensor:
     """Continue the prompts idx (B, T) by up to max_new_tokens; returns (B, T + new).
 
-    Rows that produce `stop_id` keep emitting it (so the batch stays rectangular); generation
-    ends early when every row has stopped. Prompts plus new tokens must fit in block_size.
+    Rows that produce a stop token (`stop_id` or any of `stop_ids`) keep emitting it, so the batch
+    stays rectangular; generation ends early when every row has stopped. Prompts plus new tokens
+    are cut to fit in block_size.
     """
-    B, T = idx.shape
-    block_size = model.config.block_size
-    max_new_tokens = min(max_new_tokens, block_size - T)
-    if max_new_tokens <= 0:
+    stops = list(stop_ids) + ([stop_id] if stop_id is not None else [])
+    columns = []
+    gen = stream(model, idx.tolist(), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, stop_ids=stops, seed=seed, use_cache=use_cache,
+                 compile=compile)
+    fill = stops[0] if stops else 0
+    for step in gen:
+        columns.append([fill if t is None else t for t in step.tokens])
+    if not columns:
         return idx
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    cache = KVCache(model.config, B, T + max_new_tokens, dtype=model.tok_emb.weight.dtype, device=idx.device) \
-        if use_cache else None
-    out = idx
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    try:
-        logits = model(idx, kv_cache=cache, start_pos=0).logits[:, -1] if use_cache else model(idx).logits[:, -1]
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if stop_id is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, stop_id), nxt)
-                finished |= nxt == stop_id
-            out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
-            if (stop_id is not None and finished.all()) or i == max_new_tokens - 1:
-                break
-            if use_cache:
-                logits = model(nxt.unsqueeze(1), kv_cache=cache, start_pos=out.shape[1] - 1).logits[:, -1]
+    new = torch.tensor(columns, dtype=idx.dtype, device=idx.device).t()  # (B, new)
+    return torch.cat([idx, new], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces as they become final.
+
+    Byte-level BPE tokens can end in the middle of a UTF-8 character; such text decodes to U+FFFD
+    and is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # text emitted so far
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        piece = full[len(self.text):]
+        self.text = full
+        return piece
+
+    def flush(self) -> str:
+        full = self.tokenizer.decode(self.ids)
+        piece = full[len(self.text):]
+        self.text = full
+        return piece
+
+
+@dataclass
+class TextStep:
+    """New text of every row after one step (empty for rows that stopped or are mid-character)."""
+
+    pieces: list[str]
+    tokens: list[int | None]
+    finished: list[bool]  # rows that ended at this step (stop token or stop string)
+    experts: list[torch.Tensor] = field(default_factory=list)
+
+
+def stream_text(model: GPT, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int, *,
+                stop_strings: Sequence[str] = (), stop_at_eot: bool = True, **options) -> Iterator[TextStep]:
+    """Stream the continuation of text prompts (or token lists) as text.
+
+    Stops a row at <|endoftext|> (unless stop_at_eot=False), at any of `stop_strings` (the text is
+    cut just before it), or after max_new_tokens. An empty prompt starts a story from scratch
+    (from <|endoftext|>). Other options as for `stream`.
+    """
+    token_prompts = []
+    for p in prompts:
+        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        token_prompts.append(ids or [tokenizer.eot_id])
+    stop_ids = list(options.pop("stop_ids", ()))
+    if stop_at_eot:
+        stop_ids.append(tokenizer.eot_id)
+    stop_strings = [s for s in stop_strings if s]
+    gen = stream(model, token_prompts, max_new_tokens, stop_ids=stop_ids, **options)
+    texts = [IncrementalDecoder(tokenizer) for _ in token_prompts]
+    emitted = [0] * len(token_prompts)  # characters of each row's text already handed out
+    longest_stop = max((len(s) for s in stop_strings), default=0)
+    ended = [False] * len(token_prompts)
+    for step in gen:
+        pieces, finished = [], []
+        for row, (token, stopped) in enumerate(zip(step.tokens, step.stopped)):
+            if token is None or ended[row]:
+                pieces.append("")
+                finished.append(False)
+                continue
+            dec = texts[row]
+            if stopped:  # the stop token itself is not part of the text
+                dec.flush()
             else:
-                logits = model(out).logits[:, -1]
+                dec.add(token)
+            fin, text = stopped, dec.text
+            if stop_strings:
+                # text already handed out never holds the start of a stop string (see below), so
+                # a new occurrence starts at or after `emitted`
+                hits = [i for i in (text.find(s, emitted[row]) for s in stop_strings) if i >= 0]
+                if hits:
+                    text, fin = text[: min(hits)], True
+                    gen.stop(row)
+                elif not fin:  # hold back what could be the start of a stop string
+                    text = text[: max(emitted[row], len(text) - longest_stop + 1)]
+            pieces.append(text[emitted[row]:])
+            emitted[row] = max(emitted[row], len(text))
+            ended[row] = fin
+            finished.append(fin)
+        yield TextStep(pieces, step.tokens, finished, step.experts)
+    # rows cut by max_new_tokens: hand out what was held back
+    tail = []
+    for row, dec in enumerate(texts):
+        dec.flush()
+        tail.append("" if ended[row] else dec.text[emitted[row]:])
+    if any(tail):
+        yield TextStep(tail, [None] * len(tail), [not e for e in ended], [])
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """Temporarily use n intra-op threads (None: leave as is)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
-        model.train(was_training)
-    return out
+        torch.set_num_threads(before)
