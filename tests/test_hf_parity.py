@@ -64,6 +64,8 @@ def test_tied_embeddings_round_trip(tmp_path):
 def test_models_without_hf_equivalent_are_refused_with_what_to_change():
     with pytest.raises(ConfigError, match="position=rope") as err:
         check_hf_compatible(get_preset("seed-moe"))
-    assert "router=topk" in str(err.value) and "norm=rmsnorm" in str(err.value)
+    assert "norm=rmsnorm" in str(err.value) and "ffn=swiglu" in str(err.value)
+    with pytest.raises(ConfigError, match="router=topk"):  # noisy_topk exports (noise is training-only); switch not
+        check_hf_compatible(get_preset("debug", router="switch"))
     with pytest.raises(ConfigError, match="shared experts"):
         check_hf_compatible(get_preset("debug", n_shared_experts=1))
