@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .moe import GroupedExperts, MoEFeedForward, MoEStats, Router, ffn_activation
+from .ops import RMSNorm
 
 IGNORE_INDEX = -100  # target value excluded from the loss (padding, or positions with no next token)
 
@@ -37,7 +38,7 @@ class ModelOutput:
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
@@ -53,9 +54,10 @@ def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Te
 
 def apply_rope(x: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+d/2}) of x (B, H, T, d) by position-dependent angles (Su et al. 2021)."""
+    cos_Td, sin_Td = cos_Td.to(x.dtype), sin_Td.to(x.dtype)  # in bf16 under autocast: no fp32 copies of q, k
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos_Td + rotated * sin_Td).to(x.dtype)
+    return x * cos_Td + rotated * sin_Td
 
 
 class KVCache:
@@ -205,7 +207,7 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 if module.weight is not None:
                     nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
