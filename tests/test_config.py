@@ -85,3 +85,15 @@ def test_bad_config_file_is_reported(tmp_path):
         resolve_model_config(config_file=bad)
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_model_config(config_file=tmp_path / "missing.toml")
+
+
+def test_shipped_config_files_are_valid():
+    from pathlib import Path
+
+    from nanomoe.training.config import resolve_train_config
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.*"))
+    assert files
+    for path in files:
+        resolve_model_config(config_file=path)
+        resolve_train_config(config_file=path)
