@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -279,6 +280,7 @@ def evaluate_checkpoint(
     n_batches = loader.num_eval_batches(batch_size, max_batches)
     batches = tqdm(loader.eval_batches(batch_size, max_batches), total=n_batches, desc=f"eval {split}",
                    unit="batch", disable=(not progress) if progress is not None else None, leave=False)
+    start = time.perf_counter()
     result = evaluate(
         checkpoint.model,
         batches,
@@ -287,8 +289,11 @@ def evaluate_checkpoint(
         bytes_per_token=bytes_per_token(read_meta(data_dir), split),
         routing=routing,
     )
+    seconds = time.perf_counter() - start
     return {
         **result,
+        "seconds": seconds,
+        "tokens_per_second": result["tokens"] / seconds if seconds > 0 else None,
         "checkpoint": str(checkpoint.path),
         "step": checkpoint.step,
         "data": str(data_dir),
@@ -298,6 +303,7 @@ def evaluate_checkpoint(
         "batch_size": batch_size,
         "batches": n_batches,
         "precision": precision,
+        "device": str(device),
     }
 
 

@@ -67,7 +67,8 @@ def print_report(result: dict) -> None:
     print(f"perplexity     {result['perplexity']:.3f}")
     print(f"bits per byte  {_fmt_optional(result['bits_per_byte'], '.4f')}")
     print(f"accuracy       {_fmt_optional(result['accuracy'], '.4f')} (next token = argmax)")
-    print(f"tokens         {result['tokens']:,}")
+    print(f"tokens         {result['tokens']:,} in {result['seconds']:.1f} s "
+          f"({_fmt_optional(result['tokens_per_second'], ',.0f')} tokens/s on {result['device']})")
     moe = result.get("moe")
     if moe:
         layers = moe["layers"]
