@@ -108,8 +108,9 @@ class StaticKVCache:
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, Hkv, T, d) at `write_slots` (T slots; `start_pos` is not used)."""
-        self.k[layer].index_copy_(2, self.write_slots, k)
-        self.v[layer].index_copy_(2, self.write_slots, v)
+        # (under autocast k and v may be bf16 while the cache has the weights' dtype)
+        self.k[layer].index_copy_(2, self.write_slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.write_slots, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
 
