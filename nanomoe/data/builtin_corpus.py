@@ -20,7 +20,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-GENERATOR_VERSION = 1  # bump whenever the output changes, so cached corpora are rebuilt
+GENERATOR_VERSION = 2  # bump whenever the output changes, so cached corpora are rebuilt
 
 # ---------------------------------------------------------------------------------------------
 # Cast
@@ -307,7 +307,9 @@ class Story:
         if self.rng.random() < 0.5 or line[-1] in "?!":
             text = f'{speaker} {verb}, "{line}"'
         else:
-            text = f'"{line[:-1]}," {verb} {speaker}.' if line.endswith(".") else f'{speaker} {verb}, "{line}"'
+            # "...," said Mom.  /  "...," Mom said gently.
+            said = f"{verb} {speaker}" if " " not in verb else f"{speaker} {verb}"
+            text = f'"{line[:-1]}," {said}.' if line.endswith(".") else f'{speaker} {verb}, "{line}"'
         self.new_paragraph()
         self.paragraphs[-1].append(text)
         self.new_paragraph()
@@ -347,8 +349,6 @@ def _cast(rng: random.Random) -> dict[str, str]:
     )
     set_place(ctx, rng, rng.choice(PLACES))
     ctx["likes"] = rng.choice(LIKES).format(parent=grownup)
-    treat = ctx["treat"]
-    ctx["treat_one"] = treat[:-3] + "y" if treat.endswith("ies") else treat[:-1]
     for prefix, pronoun in (("", hero.pronoun), ("f", friend.pronoun), ("p", grownup_he), ("t", teacher_he)):
         for key, word in PRONOUNS[pronoun].items():
             ctx[prefix + key] = word
@@ -470,7 +470,7 @@ def plot_sharing(s: Story) -> None:
     if s.rng.random() < 0.5:
         s.quote("{name}", ["No! They are all mine.", "No, I want them all.", "These are mine!"], ("said", "shouted"))
         s.say("{Fname} walked away and sat alone.", "{Fname} looked down at {fhis} feet.")
-        s.say("{Name} ate a {treat_one}, but it did not taste so good anymore.",
+        s.say("{Name} ate some {treat}, but they did not taste so good anymore.",
               "{Name} felt a funny, heavy feeling in {his} tummy.",
               "{Name} did not feel happy at all.")
         s.say("{He} thought about {fname}.", "{Name} remembered what {parent} always said about sharing.")
@@ -492,7 +492,7 @@ def plot_new_friend(s: Story) -> None:
     set_scene(s)
     s.say("{Name} did not know anyone there.", "{Name} felt a little lonely.",
           "All the other children were playing, but {name} was alone.")
-    s.say("Then {he} saw {fintro} sitting by {fhimself}.", "Near {spot}, {name} saw {fintro}.",
+    s.say("Then {he} saw {fintro} sitting by {fhimself}.", "{Spot}, {name} saw {fintro}.",
           "{Name} noticed {fintro} who looked lonely too.")
     s.say("{Name} was shy. {He} did not know what to say.", "{Name} took a deep breath.",
           "{Name} wanted to say hello, but {he} felt shy.")
@@ -528,7 +528,7 @@ def plot_fear(s: Story) -> None:
     s.ctx.update(fear=fear, scary=scary, brave=brave.format_map(s.ctx))
     s.say("But {name} was afraid of {fear}.", "There was one thing {name} did not like: {fear}.",
           "{Name} was scared of {fear}.")
-    s.say("{time}, {scary}.", "One night, {scary}.", "Then one day, {scary}.")
+    s.say("{time}, {scary}.", "Then one day, {scary}.")
     s.say("{Name} hid under {his} blanket.", "{Name} wanted to run away.", "{Name}'s knees began to shake.")
     s.quote("{name}", ["I am scared!", "I can't do it!", "{Parent}, help me!", "What if something bad happens?"],
             ("cried", "whispered", "said"))
@@ -576,8 +576,9 @@ def plot_helping(s: Story) -> None:
                        "Don't be scared. I am here."],
             ("said", "whispered"))
     if s.rng.random() < 0.5:
-        s.say("{Name} ran to get {parent}.", "{Name} called {fname} to help.")
-        s.quote("{parent}", ["Let's help together. Be very gentle.", "You did the right thing to call me."],
+        helper = s.rng.choice(["parent", "fname"])
+        s.say("{Name} ran to get {%s}." % helper, "{Name} called {%s} to help." % helper)
+        s.quote("{%s}" % helper, ["Let's help together. Be very gentle.", "You did the right thing to call me."],
                 ("said",))
     s.say("{Name} {help}.", "Very gently, {name} {help}.")
     s.say("Soon {who} was safe.", "After a while, {who} felt better.", "{Who} looked at {name} with bright eyes.")
@@ -840,7 +841,7 @@ PLOTS = [plot_lost, plot_sharing, plot_new_friend, plot_fear, plot_helping, plot
 # ---------------------------------------------------------------------------------------------
 # Public API
 
-_SPLIT_IDS = {"train": 1, "val": 2}
+_SPLITS = ("train", "val")
 
 
 def story(seed: int, index: int, split: str = "train") -> str:
@@ -856,7 +857,7 @@ def story(seed: int, index: int, split: str = "train") -> str:
 def generate_stories(seed: int = 0, size_bytes: int | None = None, split: str = "train",
                      count: int | None = None) -> Iterator[str]:
     """Stories of `split` in order until `size_bytes` UTF-8 bytes or `count` stories (endless if neither)."""
-    if split not in _SPLIT_IDS:
+    if split not in _SPLITS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     total = 0
     i = 0
