@@ -576,9 +576,9 @@ def plot_helping(s: Story) -> None:
                        "Don't be scared. I am here."],
             ("said", "whispered"))
     if s.rng.random() < 0.5:
-        helper = s.rng.choice(["parent", "fname"])
-        s.say("{Name} ran to get {%s}." % helper, "{Name} called {%s} to help." % helper)
-        s.quote("{%s}" % helper, ["Let's help together. Be very gentle.", "You did the right thing to call me."],
+        helper = s.rng.choice(["{parent}", "{fname}"])
+        s.say("{Name} ran to get " + helper + ".", "{Name} called " + helper + " to help.")
+        s.quote(helper, ["Let's help together. Be very gentle.", "You did the right thing to call me."],
                 ("said",))
     s.say("{Name} {help}.", "Very gently, {name} {help}.")
     s.say("Soon {who} was safe.", "After a while, {who} felt better.", "{Who} looked at {name} with bright eyes.")

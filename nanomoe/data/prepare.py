@@ -214,77 +214,78 @@ def _utf8_bytes(texts: list[str]) -> int:
 def _encode_source(src, split_options, tokenizer, dtype, tmp, progress, workers) -> dict[str, dict]:
     from tqdm.auto import tqdm
 
-    eot = tokenizer.eot_id
     stats = {s: dict(tokens=0, documents=0, bytes=0) for s in SPLITS}
     doc_starts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    files = {s: open(tmp[f"{s}.bin"], "wb") for s in SPLITS}
     bar = tqdm(total=src.total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
-    try:
-        for split, texts, ids_lists, n_bytes in _encoded(tokenizer, _chunks(src, split_options), workers):
-            lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists)) + 1  # + EOT
-            for ids in ids_lists:
-                ids.append(eot)
-            tokens = np.fromiter(itertools.chain.from_iterable(ids_lists), dtype=dtype, count=int(lengths.sum()))
+    with open(tmp["train.bin"], "wb") as train_file, open(tmp["val.bin"], "wb") as val_file, bar:
+        files = {"train": train_file, "val": val_file}
+        for split, tokens, lengths, n_bytes in _encoded(tokenizer, dtype, _chunks(src, split_options), workers):
             s = stats[split]
             doc_starts[split].append(s["tokens"] + np.cumsum(lengths) - lengths)
             tokens.tofile(files[split])
             s["tokens"] += len(tokens)
-            s["documents"] += len(texts)
+            s["documents"] += len(lengths)
             s["bytes"] += n_bytes
             bar.update(n_bytes)
-        for split in SPLITS:
-            files[split].flush()
-            os.fsync(files[split].fileno())
-            starts = np.concatenate(doc_starts[split]) if doc_starts[split] else np.zeros(0, np.int64)
-            with open(tmp[f"{split}.docs.npy"], "wb") as f:
-                np.save(f, starts.astype(np.int64), allow_pickle=False)
-            lengths = np.diff(np.append(starts, stats[split]["tokens"]))
-            stats[split]["max_document_tokens"] = int(lengths.max()) if len(lengths) else 0
-    finally:
-        bar.close()
         for f in files.values():
-            f.close()
+            f.flush()
+            os.fsync(f.fileno())
+    for split in SPLITS:
+        starts = np.concatenate(doc_starts[split]) if doc_starts[split] else np.zeros(0, np.int64)
+        with open(tmp[f"{split}.docs.npy"], "wb") as f:
+            np.save(f, starts.astype(np.int64), allow_pickle=False)
+        lengths = np.diff(np.append(starts, stats[split]["tokens"]))
+        stats[split]["max_document_tokens"] = int(lengths.max()) if len(lengths) else 0
     return stats
 
 
-def _encoded(tokenizer: Tokenizer, chunks, workers: int | None):
-    """(split, texts, ids_lists, n_bytes) for each chunk, in order."""
+def _encode_and_pack(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of `texts` with EOT after each document, and each document's length (its EOT included)."""
+    ids_lists = tokenizer.encode_batch(texts)
+    lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists)) + 1
+    eot = tokenizer.eot_id
+    for ids in ids_lists:
+        ids.append(eot)
+    tokens = np.fromiter(itertools.chain.from_iterable(ids_lists), dtype=dtype, count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def _encoded(tokenizer: Tokenizer, dtype: np.dtype, chunks, workers: int | None):
+    """(split, tokens, lengths, n_bytes) for each chunk, in order."""
+    import concurrent.futures as cf
+
     if tokenizer.kind == "bpe":
         # `tokenizers` spreads each batch over all cores and releases the GIL meanwhile: encode the
-        # next chunk in a thread while this one is read, written and counted
-        import concurrent.futures as cf
-
-        with cf.ThreadPoolExecutor(1) as pool:
-            previous = None
+        # next chunk in a thread while this one is read and written
+        pool = cf.ThreadPoolExecutor(1)
+        submit = lambda texts: pool.submit(_encode_and_pack, tokenizer, texts, dtype)  # noqa: E731
+        in_flight = 1
+    else:
+        workers = workers or os.cpu_count() or 1
+        if workers == 1:
             for split, texts, n_bytes in chunks:
-                future = pool.submit(tokenizer.encode_batch, texts)
-                if previous is not None:
-                    yield previous[0], previous[1], previous[3].result(), previous[2]
-                previous = (split, texts, n_bytes, future)
-            if previous is not None:
-                yield previous[0], previous[1], previous[3].result(), previous[2]
-        return
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        for split, texts, n_bytes in chunks:
-            yield split, texts, tokenizer.encode_batch(texts), n_bytes
-        return
-    # the word tokenizer is pure Python: one process per core, a few chunks in flight, results in order
-    import concurrent.futures as cf
-    import multiprocessing as mp
+                yield split, *_encode_and_pack(tokenizer, texts, dtype), n_bytes
+            return
+        # the word tokenizer is pure Python: one process per core; they send back compact arrays
+        import multiprocessing as mp
 
-    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                initargs=(tokenizer.to_json_str(),)) as pool:
+        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                      initargs=(tokenizer.to_json_str(),))
+        submit = lambda texts: pool.submit(_worker_encode, texts, dtype.str)  # noqa: E731
+        in_flight = 2 * workers
+    try:
         pending = []
         for split, texts, n_bytes in chunks:
-            pending.append((split, texts, n_bytes, pool.submit(_worker_encode, texts)))
-            if len(pending) >= 2 * workers:
-                split0, texts0, bytes0, future = pending.pop(0)
-                yield split0, texts0, future.result(), bytes0
-        for split0, texts0, bytes0, future in pending:
-            yield split0, texts0, future.result(), bytes0
+            pending.append((split, submit(texts), n_bytes))
+            if len(pending) > in_flight:
+                split0, future, bytes0 = pending.pop(0)
+                yield split0, *future.result(), bytes0
+        for split0, future, bytes0 in pending:
+            yield split0, *future.result(), bytes0
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error, drop the chunks not started yet
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -295,8 +296,8 @@ def _init_worker(tokenizer_json: str) -> None:
     _worker_tokenizer = Tokenizer.from_json_str(tokenizer_json)
 
 
-def _worker_encode(texts: list[str]) -> list[list[int]]:
-    return _worker_tokenizer.encode_batch(texts)
+def _worker_encode(texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_and_pack(_worker_tokenizer, texts, np.dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------
