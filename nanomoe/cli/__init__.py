@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 from ..errors import NanoMoEError
@@ -30,7 +31,7 @@ COMMANDS = [
 
 def add_command(subparsers, name: str, func, **kwargs) -> argparse.ArgumentParser:
     """Add subcommand `name` whose help is the first paragraph of `func`'s docstring."""
-    doc = (func.__doc__ or "").strip()
+    doc = inspect.cleandoc(func.__doc__ or "")
     summary = doc.split("\n\n")[0].replace("\n", " ")
     parser = subparsers.add_parser(
         name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
