@@ -1,25 +1,33 @@
-"""Dropless grouped expert feed-forward as one autograd Function with a hand-written backward.
+"""Grouped expert feed-forward: one autograd Function with a hand-written backward.
 
 Shape legend (as in moe.py):
     N  tokens      D  model width     E  experts     K  experts per token (top_k)
-    H  expert hidden width            F  width of the input projection (H, or 2H for swiglu)
-    A  assignments kept, sorted by expert (N*K when dropless)
+    H  expert hidden width            R  rows of the expert-sorted buffers (kept assignments,
+                                         each expert's block padded to a multiple of `row_multiple`)
 
-Why a custom Function: on a CPU with fast bf16 matrix units (AMX) the matrix products of a small
-MoE layer take ~half the time; the rest is memory passes. Plain autograd over a per-expert loop
-pays for many avoidable ones: `w_in[e]` under autocast casts each expert's weights separately and
-its backward materializes a zero (E, D, F) gradient per expert; `torch.cat` of the expert outputs
-and of the [gate | up] gradient halves; `zeros` + `index_add_` to scatter back. Here:
+Every buffer between the dispatch gather and the combine gather is in expert-sorted row order:
+expert e owns one contiguous block of rows, and each matrix product is one `torch.mm` on that block,
+written into a preallocated buffer with `out=`. Why a custom Function rather than autograd over that
+loop: with bf16 matrix units (AMX) the matrix products of a small MoE layer are only about half of
+its time; the rest is memory passes and allocations, and plain autograd adds many:
 
-- the stacked weights are cast to the compute dtype once per call, and their gradients are written
-  straight into one (E, ...) buffer per weight with `torch.mm(..., out=slice)`;
-- every expert reads and writes contiguous row slices of preallocated expert-sorted buffers;
-- the combine is a gather, not a scatter: every assignment (k, n) knows its sorted row, so
-  out[n] = sum_k gate[k, n] * y[row[k, n]] is an index_select, a broadcast multiply and a sum over
-  K; dropped assignments (capacity) point at an extra all-zero row, so the same code serves both;
-- the gate weights multiply the (A, D) expert outputs, the narrowest place to apply them;
-- the activation backward is written out (one fused `silu_backward` / `threshold_backward` /
-  `gelu_backward` kernel per term, results written into the halves of one buffer).
+- `w_in[e]` under autocast casts every expert's weights separately, and the backward of `w_in[e]`
+  writes a full-size zero (E, D, F) gradient per expert; here the stacked weights are cast once per
+  call, and their gradients are written in place into one (E, ...) buffer per weight;
+- `torch.cat` of expert outputs and of the swiglu [gate | up] gradient halves: gone. The two halves
+  are two products into two (R, H) buffers, which keeps every elementwise kernel on contiguous data;
+- `zeros` + `index_add_` to scatter back: the combine is a gather instead. Every assignment (k, n)
+  knows its row, so out[n] = sum_k gate[k, n] * y[row[k, n]] is one index_select, a multiply and K-1
+  fused multiply-adds; dropped assignments point at a spare all-zero row, so capacity costs nothing;
+- the gate weights scale the (R, D) expert outputs, the narrowest tensor they can go on;
+- the activation backward is written out with one fused kernel per term, in place where the
+  input is dead (`silu_backward`, `threshold_backward`, `gelu_backward`).
+
+Row padding: oneDNN (torch's CPU bf16 matmul) JIT-compiles a kernel for every new matrix shape,
+~4 ms each on the 2-core machine against ~0.4 ms for the product itself. Expert loads change every
+step, so unpadded blocks would compile new kernels all training long; blocks rounded up to 64 rows
+keep the set of shapes small. Padding rows gather token 0 and carry gate weight 0, so their outputs
+are never read and their gradients are exactly zero.
 """
 
 from __future__ import annotations
@@ -34,32 +42,47 @@ import torch.nn.functional as F
 class ExpertPlan:
     """Where every assignment goes. Built once per forward from the router's choices."""
 
-    token_A: torch.Tensor  # int64 (A,): token of each expert-sorted row
-    slot_A: torch.Tensor  # int64 (A,): flat k-major assignment index k*N + n of each sorted row
-    row_KN: torch.Tensor  # int64 (K*N,): sorted row of each assignment; A (the zero row) if dropped
-    counts: list[int]  # rows of each expert, in expert order (sums to A)
+    token_R: torch.Tensor  # int64 (R,): token of each expert-sorted row (0 for padding rows)
+    slot_R: torch.Tensor  # int64 (R,): flat k-major assignment k*N + n of each row (K*N for padding)
+    row_KN: torch.Tensor  # int64 (K*N,): row of each assignment; R (a spare zero row) if dropped
+    rows_per_expert: list[int]  # size of each expert's block of rows, padding included (sums to R)
+    n_kept: int  # assignments that survived the capacity limit (N*K when dropless)
 
 
-def make_plan(expert_indices_NK: torch.Tensor, n_experts: int, capacity: int | None) -> ExpertPlan:
+def make_plan(
+    expert_indices_NK: torch.Tensor, n_experts: int, capacity: int | None, row_multiple: int = 1
+) -> ExpertPlan:
     """Sort the N*K assignments by expert; with a capacity, keep the first `capacity` of each expert.
 
     The flat order is k-major (all first choices, then all second choices) so the stable sort puts
     first choices ahead within each expert and capacity drops second choices first (GShard); within
-    a rank, earlier tokens win.
+    a rank, earlier tokens win. Each expert's block is padded to a multiple of `row_multiple` rows.
     """
     N, K = expert_indices_NK.shape
+    device = expert_indices_NK.device
     flat_expert = expert_indices_NK.t().reshape(-1)  # (K*N,)
     order = torch.argsort(flat_expert, stable=True)
     counts_E = torch.bincount(flat_expert, minlength=n_experts)
     if capacity is not None:
         starts_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_E.repeat_interleave(counts_E)
+        rank_in_expert = torch.arange(order.numel(), device=device) - starts_E.repeat_interleave(counts_E)
         order = order[rank_in_expert < capacity]
         counts_E = counts_E.clamp(max=capacity)
-    A = order.numel()
-    row_KN = torch.full((N * K,), A, dtype=torch.long, device=order.device)
-    row_KN[order] = torch.arange(A, device=order.device)
-    return ExpertPlan(token_A=order % N, slot_A=order, row_KN=row_KN, counts=counts_E.tolist())
+    n_kept = order.numel()
+    padded_E = (counts_E + row_multiple - 1) // row_multiple * row_multiple
+    # row of the i-th kept assignment = i + (padding rows of the experts before its own)
+    shift_E = (torch.cumsum(padded_E, 0) - padded_E) - (torch.cumsum(counts_E, 0) - counts_E)
+    row_A = torch.arange(n_kept, device=device) + shift_E.repeat_interleave(counts_E)
+    rows_per_expert = padded_E.tolist()
+    R = sum(rows_per_expert)
+
+    token_R = torch.zeros(R, dtype=torch.long, device=device)
+    token_R[row_A] = order % N
+    slot_R = torch.full((R,), N * K, dtype=torch.long, device=device)
+    slot_R[row_A] = order
+    row_KN = torch.full((N * K,), R, dtype=torch.long, device=device)
+    row_KN[order] = row_A
+    return ExpertPlan(token_R, slot_R, row_KN, rows_per_expert, n_kept)
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -68,6 +91,12 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(x.dtype, weight.dtype)
+
+
+def row_multiple_for(device: torch.device, dtype: torch.dtype) -> int:
+    """Expert blocks are padded to this many rows: 64 where matmul kernels are compiled per shape
+    (oneDNN, CPU half precision), 1 elsewhere (MKL fp32 and cuBLAS pick kernels without compiling)."""
+    return 64 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
 
 
 def grouped_ffn(
@@ -80,21 +109,34 @@ def grouped_ffn(
     b_out: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
-    """out[n] = sum_k gate[k, n] * expert_{e(n,k)}(x[n]) over the kept assignments. Returns (N, D)."""
+    """out[n] = sum_k gate[k, n] * expert_{e(n,k)}(x[n]) over the kept assignments. Returns (N, D).
+
+    w_in (E, D, H), or (E, D, 2H) [gate | up] for swiglu; w_out (E, H, D); b_in, b_out optional.
+    Runs in autocast's dtype when autocast is on; gradients come back in each input's own dtype.
+    """
     dtype = compute_dtype(x_ND, w_in)
     return _GroupedFFN.apply(x_ND, gate_KN, w_in, w_out, b_in, b_out, plan, activation, dtype)
 
 
-def _expert_slices(counts: list[int]):
+def _blocks(rows_per_expert: list[int]):
+    """(expert, row slice) of every expert with at least one row."""
     start = 0
-    for e, c in enumerate(counts):
-        if c > 0:
-            yield e, slice(start, start + c)
-        start += c
+    for e, n in enumerate(rows_per_expert):
+        if n > 0:
+            yield e, slice(start, start + n)
+        start += n
+
+
+def _linear(x, w, b, out):
+    """out = x @ w (+ b), written into `out` (a block of a preallocated buffer)."""
+    if b is None:
+        torch.mm(x, w, out=out)
+    else:
+        torch.addmm(b, x, w, out=out)
 
 
 def _sum_over_k(rows_KND: torch.Tensor, gate_KN: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_k gate[k] * rows[k] as K-1 fused adds: much faster than .sum(0) over a leading dim of 2."""
+    """sum_k gate[k] * rows[k] as K-1 fused adds (.sum(0) over a leading dim of 2 is ~5x slower)."""
     if gate_KN is None:
         out_ND = rows_KND[0].clone() if rows_KND.shape[0] == 1 else rows_KND[0] + rows_KND[1]
         for k in range(2, rows_KND.shape[0]):
@@ -108,138 +150,109 @@ def _sum_over_k(rows_KND: torch.Tensor, gate_KN: torch.Tensor | None = None) -> 
 
 
 class _GroupedFFN(torch.autograd.Function):
-    """Inputs and outputs in token order; everything in between in expert-sorted row order.
-
-    For swiglu the gate and up halves of the input projection are computed as two products into two
-    (A, H) buffers (instead of one (A, 2H) buffer split by views), so the elementwise kernels see
-    contiguous tensors and no buffer reaches the 32 MiB at which glibc's malloc switches to a fresh
-    mmap (page-faulted anew on every call) at the benchmark shape in bf16.
-    """
-
     @staticmethod
     def forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan: ExpertPlan, activation: str, dtype):
         with torch.autocast(x_ND.device.type, enabled=False):
             N, D = x_ND.shape
             K = gate_KN.shape[0]
-            A = plan.token_A.numel()
+            R = plan.token_R.numel()
             H = w_out.shape[1]
-            # one cast per weight per call (autocast would cast every expert slice separately)
+            glu = activation == "swiglu"
+            # one cast per weight per call (autocast would cast every expert's slice separately)
             w_in_c, w_out_c = w_in.to(dtype), w_out.to(dtype)
             b_in_c = b_in.to(dtype) if b_in is not None else None
             b_out_c = b_out.to(dtype) if b_out is not None else None
-            glu = activation == "swiglu"
 
-            x_AD = x_ND.to(dtype).index_select(0, plan.token_A)
-            # h: the (first half of the) input projection; u: the swiglu "up" half
-            h_AH = x_AD.new_empty(A, H)
-            u_AH = x_AD.new_empty(A, H) if glu else None
-            for e, rows in _expert_slices(plan.counts):
-                _linear(x_AD[rows], w_in_c[e, :, :H], None if b_in_c is None else b_in_c[e, :H], h_AH[rows])
+            x_RD = x_ND.to(dtype).index_select(0, plan.token_R)  # dispatch: a gather
+            h_RH = x_RD.new_empty(R, H)  # input projection (for swiglu: its gate half)
+            u_RH = x_RD.new_empty(R, H) if glu else None  # swiglu's up half
+            for e, rows in _blocks(plan.rows_per_expert):
+                _linear(x_RD[rows], w_in_c[e, :, :H], None if b_in_c is None else b_in_c[e, :H], h_RH[rows])
                 if glu:
-                    _linear(x_AD[rows], w_in_c[e, :, H:], None if b_in_c is None else b_in_c[e, H:], u_AH[rows])
-            s_AH = None
+                    _linear(x_RD[rows], w_in_c[e, :, H:], None if b_in_c is None else b_in_c[e, H:], u_RH[rows])
+            s_RH = None
             if glu:
-                s_AH = F.silu(h_AH)
-                a_AH = s_AH * u_AH
+                s_RH = F.silu(h_RH)
+                a_RH = s_RH * u_RH
             elif activation == "relu":
-                a_AH = F.relu(h_AH)
+                a_RH = F.relu(h_RH)
             else:
-                a_AH = F.gelu(h_AH, approximate="tanh")
+                a_RH = F.gelu(h_RH, approximate="tanh")
 
-            # one spare all-zero row at the end: where dropped assignments point
-            y_AD = x_AD.new_empty(A + 1, D)
-            y_AD[A].zero_()
-            for e, rows in _expert_slices(plan.counts):
-                _linear(a_AH[rows], w_out_c[e], None if b_out_c is None else b_out_c[e], y_AD[rows])
+            y_RD = x_RD.new_empty(R + 1, D)  # + the zero row that dropped assignments read
+            y_RD[R].zero_()
+            for e, rows in _blocks(plan.rows_per_expert):
+                _linear(a_RH[rows], w_out_c[e], None if b_out_c is None else b_out_c[e], y_RD[rows])
 
-            y_KND = y_AD.index_select(0, plan.row_KN).view(K, N, D)
+            y_KND = y_RD.index_select(0, plan.row_KN).view(K, N, D)  # combine: a gather
             out_ND = _sum_over_k(y_KND, gate_KN)
 
-        ctx.save_for_backward(x_AD, h_AH, u_AH, s_AH, a_AH, y_KND, gate_KN, w_in_c, w_out_c)
+        ctx.save_for_backward(x_RD, h_RH, u_RH, s_RH, a_RH, y_KND, gate_KN, w_in_c, w_out_c)
         ctx.plan, ctx.activation, ctx.has_bias = plan, activation, b_in is not None
         ctx.dtypes = (x_ND.dtype, w_in.dtype, w_out.dtype, None if b_in is None else b_in.dtype)
         return out_ND
 
     @staticmethod
     def backward(ctx, dout_ND):
-        x_AD, h_AH, u_AH, s_AH, a_AH, y_KND, gate_KN, w_in_c, w_out_c = ctx.saved_tensors
+        x_RD, h_RH, u_RH, s_RH, a_RH, y_KND, gate_KN, w_in_c, w_out_c = ctx.saved_tensors
         plan: ExpertPlan = ctx.plan
         x_dtype, w_in_dtype, w_out_dtype, b_dtype = ctx.dtypes
-        dtype = x_AD.dtype
-        A, D = x_AD.shape
+        dtype = x_RD.dtype
+        R, D = x_RD.shape
         K, N = gate_KN.shape
-        H = h_AH.shape[1]
+        H = h_RH.shape[1]
         glu = ctx.activation == "swiglu"
         dout_ND = dout_ND.to(dtype)
 
-        # combine: out = sum_k gate_k * y_k
         dgate_KN = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # out = sum_k gate_k * y_k
             dgate_KN = (y_KND * dout_ND).sum(-1, dtype=torch.float32).to(gate_KN.dtype)
-        # dy of every sorted row: the gate of its assignment times the output gradient of its token
-        gate_A1 = gate_KN.reshape(-1).index_select(0, plan.slot_A).to(dtype).unsqueeze(-1)
-        dy_AD = dout_ND.index_select(0, plan.token_A).mul_(gate_A1)
+        # dy of every row: its token's output gradient times its gate (0 on padding rows)
+        gate_R1 = torch.cat([gate_KN.reshape(-1), gate_KN.new_zeros(1)]).index_select(0, plan.slot_R)
+        dy_RD = dout_ND.index_select(0, plan.token_R).mul_(gate_R1.to(dtype).unsqueeze(-1))
 
         # down projection
-        da_AH = torch.empty_like(a_AH)
+        da_RH = torch.empty_like(a_RH)
         dw_out = torch.empty_like(w_out_c)
-        for e, rows in _expert_slices(plan.counts):
-            torch.mm(dy_AD[rows], w_out_c[e].t(), out=da_AH[rows])
-            torch.mm(a_AH[rows].t(), dy_AD[rows], out=dw_out[e])
+        for e, rows in _blocks(plan.rows_per_expert):
+            torch.mm(dy_RD[rows], w_out_c[e].t(), out=da_RH[rows])
+            torch.mm(a_RH[rows].t(), dy_RD[rows], out=dw_out[e])
 
-        # activation, written into da's buffer where possible (da is not needed afterwards)
-        du_AH = None
+        # activation, in da's buffer (da is dead afterwards)
+        du_RH = None
         if glu:  # a = silu(h) * u:  dh = silu'(h) * u * da,  du = silu(h) * da
-            du_AH = da_AH * s_AH
-            dh_AH = torch.ops.aten.silu_backward(da_AH.mul_(u_AH), h_AH, grad_input=da_AH)
-        elif ctx.activation == "relu":
-            dh_AH = torch.ops.aten.threshold_backward(da_AH, a_AH, 0, grad_input=da_AH)  # a > 0 exactly where h > 0
+            du_RH = da_RH * s_RH
+            dh_RH = torch.ops.aten.silu_backward(da_RH.mul_(u_RH), h_RH, grad_input=da_RH)
+        elif ctx.activation == "relu":  # a > 0 exactly where h > 0
+            dh_RH = torch.ops.aten.threshold_backward(da_RH, a_RH, 0, grad_input=da_RH)
         else:
-            dh_AH = torch.ops.aten.gelu_backward(da_AH, h_AH, approximate="tanh", grad_input=da_AH)
+            dh_RH = torch.ops.aten.gelu_backward(da_RH, h_RH, approximate="tanh", grad_input=da_RH)
 
-        # input projection; the spare last row of dx_AD stays zero for the dropped assignments
-        dx_AD = x_AD.new_empty(A + 1, D)
-        dx_AD[A].zero_()
+        # input projection; the spare last row of dx stays zero for dropped assignments
+        dx_RD = x_RD.new_empty(R + 1, D)
+        dx_RD[R].zero_()
         dw_in = torch.empty_like(w_in_c)
-        for e, rows in _expert_slices(plan.counts):
-            torch.mm(dh_AH[rows], w_in_c[e, :, :H].t(), out=dx_AD[rows])
-            torch.mm(x_AD[rows].t(), dh_AH[rows], out=dw_in[e, :, :H])
+        for e, rows in _blocks(plan.rows_per_expert):
+            torch.mm(dh_RH[rows], w_in_c[e, :, :H].t(), out=dx_RD[rows])
+            torch.mm(x_RD[rows].t(), dh_RH[rows], out=dw_in[e, :, :H])
             if glu:
-                torch.addmm(dx_AD[rows], du_AH[rows], w_in_c[e, :, H:].t(), out=dx_AD[rows])
-                torch.mm(x_AD[rows].t(), du_AH[rows], out=dw_in[e, :, H:])
-        for e, c in enumerate(plan.counts):
-            if c == 0:  # an expert with no tokens gets an exactly zero gradient
+                torch.addmm(dx_RD[rows], du_RH[rows], w_in_c[e, :, H:].t(), out=dx_RD[rows])
+                torch.mm(x_RD[rows].t(), du_RH[rows], out=dw_in[e, :, H:])
+        for e, n in enumerate(plan.rows_per_expert):
+            if n == 0:  # an expert with no tokens gets an exactly zero gradient
                 dw_in[e].zero_()
                 dw_out[e].zero_()
-        dx_ND = _sum_over_k(dx_AD.index_select(0, plan.row_KN).view(K, N, D))
+        dx_ND = _sum_over_k(dx_RD.index_select(0, plan.row_KN).view(K, N, D))
 
         db_in = db_out = None
         if ctx.has_bias:
-            db_in = torch.zeros(w_in_c.shape[0], w_in_c.shape[2], dtype=torch.float32, device=x_AD.device)
-            db_out = torch.zeros(w_out_c.shape[0], D, dtype=torch.float32, device=x_AD.device)
-            for e, rows in _expert_slices(plan.counts):
-                db_in[e, :H] = dh_AH[rows].sum(0, dtype=torch.float32)
+            db_in = torch.zeros(w_in_c.shape[0], w_in_c.shape[2], dtype=torch.float32, device=x_RD.device)
+            db_out = torch.zeros(w_out_c.shape[0], D, dtype=torch.float32, device=x_RD.device)
+            for e, rows in _blocks(plan.rows_per_expert):
+                db_in[e, :H] = dh_RH[rows].sum(0, dtype=torch.float32)
                 if glu:
-                    db_in[e, H:] = du_AH[rows].sum(0, dtype=torch.float32)
-                db_out[e] = dy_AD[rows].sum(0, dtype=torch.float32)
+                    db_in[e, H:] = du_RH[rows].sum(0, dtype=torch.float32)
+                db_out[e] = dy_RD[rows].sum(0, dtype=torch.float32)
             db_in, db_out = db_in.to(b_dtype), db_out.to(b_dtype)
 
-        return (
-            dx_ND.to(x_dtype),
-            dgate_KN,
-            dw_in.to(w_in_dtype),
-            dw_out.to(w_out_dtype),
-            db_in,
-            db_out,
-            None,
-            None,
-            None,
-        )
-
-
-def _linear(x, w, b, out):
-    """out = x @ w (+ b), written into `out` (a row slice of a preallocated buffer)."""
-    if b is None:
-        torch.mm(x, w, out=out)
-    else:
-        torch.addmm(b, x, w, out=out)
+        return dx_ND.to(x_dtype), dgate_KN, dw_in.to(w_in_dtype), dw_out.to(w_out_dtype), db_in, db_out, None, None, None

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .grouped_ffn import ExpertPlan, grouped_ffn, make_plan
+from .grouped_ffn import ExpertPlan, compute_dtype, grouped_ffn, make_plan, row_multiple_for
 
 
 def ffn_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -245,9 +245,10 @@ def dispatch_and_combine(
     earlier tokens win; assignments past an expert's capacity contribute nothing (the residual
     connection carries the token through unchanged).
     """
-    plan = make_plan(expert_indices_NK, experts.w_in.shape[0], capacity)
+    row_multiple = row_multiple_for(x_ND.device, compute_dtype(x_ND, experts.w_in))
+    plan = make_plan(expert_indices_NK, experts.w_in.shape[0], capacity, row_multiple)
     out_ND = experts(x_ND, expert_weights_NK.t(), plan)
-    return out_ND, plan.token_A.numel()
+    return out_ND, plan.n_kept
 
 
 def moe_forward_reference(layer: MoEFeedForward, x_BTD: torch.Tensor) -> torch.Tensor:

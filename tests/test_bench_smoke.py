@@ -8,7 +8,8 @@ from nanomoe.cli import main
 
 def test_bench_moe_json_has_the_headline_keys(capsys):
     argv = ["bench", "moe", "--json", "--tokens", "64", "--n-embd", "16", "--expert-hidden", "32", "--n-experts", "4"]
-    assert main(argv + ["--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    # --malloc default: leave the test process's allocator alone
+    assert main(argv + ["--repeats", "1", "--warmup", "0", "--threads", "1", "--malloc", "default"]) == 0
     report = json.loads(capsys.readouterr().out)
     keys = ["ratio_vs_dense_bf16", "ratio_vs_dense_fp32", "speedup_vs_reference_bf16"]
     if importlib.util.find_spec("transformers") is not None:

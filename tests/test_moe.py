@@ -259,8 +259,8 @@ def test_router_runs_in_fp32_under_bf16_autocast():
 
 
 @pytest.mark.parametrize("ffn", ["swiglu", "relu", "gelu"])
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
-def test_grouped_ffn_gradcheck_float64(ffn, top_k, capacity):
+@pytest.mark.parametrize("top_k,capacity,row_multiple", [(1, None, 1), (2, None, 4), (2, 3, 1), (2, 3, 4)])
+def test_grouped_ffn_gradcheck_float64(ffn, top_k, capacity, row_multiple):
     N, D, H, E = 7, 5, 4, 3
     torch.manual_seed(0)
     w_in = torch.randn(E, D, 2 * H if ffn == "swiglu" else H, dtype=torch.float64, requires_grad=True)
@@ -271,9 +271,12 @@ def test_grouped_ffn_gradcheck_float64(ffn, top_k, capacity):
     gate_KN = torch.rand(top_k, N, dtype=torch.float64, requires_grad=True)
     # expert 2 gets nothing: its gradients must come back exactly zero
     indices_NK = torch.stack([torch.randperm(E - 1)[:top_k] for _ in range(N)])
-    plan = make_plan(indices_NK, E, capacity)
+    plan = make_plan(indices_NK, E, capacity, row_multiple)
     if capacity is not None:
-        assert plan.token_A.numel() < N * top_k  # the case really drops something
+        assert plan.n_kept < N * top_k  # the case really drops something
+    if row_multiple > 1:  # padding rows exist and every block is a multiple
+        assert sum(plan.rows_per_expert) > plan.n_kept
+        assert all(n % row_multiple == 0 for n in plan.rows_per_expert)
 
     def f(x, gate_KN, w_in, w_out, b_in, b_out):
         return grouped_ffn(x, gate_KN, plan, w_in, w_out, b_in, b_out, ffn)
@@ -281,6 +284,19 @@ def test_grouped_ffn_gradcheck_float64(ffn, top_k, capacity):
     assert torch.autograd.gradcheck(f, (x, gate_KN, w_in, w_out, b_in, b_out))
     f(x, gate_KN, w_in, w_out, b_in, b_out).sum().backward()
     assert torch.count_nonzero(w_in.grad[2]) == 0 and torch.count_nonzero(w_out.grad[2]) == 0
+
+
+def test_plan_sorts_by_expert_keeps_first_choices_and_pads_blocks():
+    # 5 tokens, E=3, K=2; expert 0 is everybody's first choice
+    indices_NK = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 2], [0, 1]])
+    plan = make_plan(indices_NK, 3, capacity=4, row_multiple=4)
+    assert plan.rows_per_expert == [4, 4, 4]  # 4 kept of 5 for expert 0; 3 and 2 padded to 4
+    assert plan.n_kept == 4 + 3 + 2
+    assert plan.token_R.tolist() == [0, 1, 2, 3, 0, 2, 4, 0, 1, 3, 0, 0]
+    N, K = indices_NK.shape
+    assert plan.slot_R.tolist() == [0, 1, 2, 3, 5, 7, 9, N * K, 6, 8, N * K, N * K]
+    R = 12
+    assert plan.row_KN.tolist() == [0, 1, 2, 3, R, 4, 8, 5, 9, 6]  # token 4's first choice dropped
 
 
 def test_fast_dispatch_matches_reference_with_capacity_dropping_outputs_and_grads():

@@ -12,7 +12,8 @@ Candidates, all at the same shape, timed round-robin in one process (median of -
              when transformers is installed.
 
 Each in fp32 and under bf16 autocast (the way nanomoe trains), on the CPU and on CUDA if present.
-A step is: zero the gradients, forward, backward of a fixed random output gradient.
+A step is: zero the gradients, forward on a new input batch, backward of a fixed random output
+gradient. New batches route differently, so expert loads (and matrix shapes) vary as in training.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def cmd_bench_moe(args) -> int:
 def _bench_moe(args) -> int:
     import torch
 
+    from ..malloc import keep_freed_memory
+
+    # Without this, whether a candidate page-faults its activations anew every step depends on the
+    # order of its allocations relative to glibc's trimming heuristics (docs/moe.md), not on its code.
+    malloc = "keep-freed" if args.malloc == "keep-freed" and keep_freed_memory() else "default"
     devices = [args.device]
     if args.device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -59,6 +65,7 @@ def _bench_moe(args) -> int:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats,
+        "malloc": malloc,
     }
     for device in devices:
         result = bench_device(args, device)
@@ -134,12 +141,28 @@ def make_hf_block(args, moe, device: str, implementation: str = "eager"):
     return block
 
 
-def make_step(module, forward, x, grad_out, dtype_name: str, device: str):
+def make_inputs(args, device: str, n: int):
+    """n different input batches (one per step, like training) and one output gradient."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    xs = [torch.randn(1, args.tokens, args.n_embd, generator=gen).to(device).requires_grad_() for _ in range(n)]
+    grad_out = torch.randn(1, args.tokens, args.n_embd, generator=gen).to(device)
+    return xs, grad_out
+
+
+def make_step(module, forward, xs, grad_out, dtype_name: str, device: str):
+    """One training step of `forward` on the next input batch. New batches route differently, so the
+    experts' row counts (hence matrix shapes) change from step to step as they do in training."""
+    import itertools
+
     import torch
 
     autocast_dtype = getattr(torch, DTYPES[dtype_name]) if DTYPES[dtype_name] else None
+    batches = itertools.cycle(xs)
 
     def step():
+        x = next(batches)
         module.zero_grad(set_to_none=True)
         x.grad = None
         with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -155,18 +178,18 @@ def bench_device(args, device: str) -> dict:
     from .timing import time_interleaved
 
     candidates = build_candidates(args, device)
-    x = torch.randn(1, args.tokens, args.n_embd, device=device, requires_grad=True)
-    grad_out = torch.randn(1, args.tokens, args.n_embd, device=device)
+    # a fresh batch for every call of every candidate (up to time_interleaved's retakes)
+    xs, grad_out = make_inputs(args, device, n=args.warmup + 2 * args.repeats)
 
     # same function, same weights: check the candidates agree before timing them
     with torch.no_grad():
-        outs = {name: fwd(x).float() for name, (_, fwd) in candidates.items() if name != "dense"}
+        outs = {name: fwd(xs[0]).float() for name, (_, fwd) in candidates.items() if name != "dense"}
     max_diff = {name: (out - outs["reference"]).abs().max().item() for name, out in outs.items() if name != "reference"}
 
     steps = {}
     for dtype_name in args.dtypes.split(","):
         for name, (module, forward) in candidates.items():
-            steps[f"{name}_{dtype_name}"] = make_step(module, forward, x, grad_out, dtype_name, device)
+            steps[f"{name}_{dtype_name}"] = make_step(module, forward, xs, grad_out, dtype_name, device)
     seconds = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device)
 
     result: dict = {"device": device, "ms": {k: round(v * 1e3, 3) for k, v in seconds.items()}}
@@ -188,7 +211,7 @@ def print_table(report: dict, devices: list[str]) -> None:
     print(
         f"MoE layer forward+backward: {shape['tokens']} tokens, n_embd {shape['n_embd']}, "
         f"{shape['n_experts']} experts x hidden {shape['expert_hidden']}, top-{shape['top_k']}, {shape['ffn']}; "
-        f"torch {report['torch']}, {report['threads']} threads, median of {report['repeats']}"
+        f"torch {report['torch']}, {report['threads']} threads, malloc {report['malloc']}, median of {report['repeats']}"
     )
     for device in devices:
         result = report if device == devices[0] else report[device]
@@ -215,12 +238,11 @@ def profile_bf16(args, device: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     candidates = build_candidates(args, device)
-    x = torch.randn(1, args.tokens, args.n_embd, device=device, requires_grad=True)
-    grad_out = torch.randn_like(x)
+    xs, grad_out = make_inputs(args, device, n=3 + args.repeats)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     for name in ("nanomoe", "dense"):
         module, forward = candidates[name]
-        step = make_step(module, forward, x, grad_out, "bf16", device)
+        step = make_step(module, forward, xs, grad_out, "bf16", device)
         for _ in range(3):
             step()
         with profile(activities=activities) as prof:
@@ -246,6 +268,10 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto (CPU, and CUDA when present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--malloc", choices=["keep-freed", "default"], default="keep-freed",
+        help="keep-freed: glibc reuses freed memory instead of returning it (nanomoe.malloc); default: as is",
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face block")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables (bf16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
