@@ -206,7 +206,8 @@ class _GroupedFFN(torch.autograd.Function):
 
         dgate_KN = None
         if ctx.needs_input_grad[1]:  # out = sum_k gate_k * y_k
-            dgate_KN = (y_KND * dout_ND).sum(-1, dtype=torch.float32).to(gate_KN.dtype)
+            # (sum accumulates in fp32 internally; asking for an fp32 result would upcast first, 3x slower)
+            dgate_KN = (y_KND * dout_ND).sum(-1).to(gate_KN.dtype)
         # dy of every row: its token's output gradient times its gate (0 on padding rows)
         gate_R1 = torch.cat([gate_KN.reshape(-1), gate_KN.new_zeros(1)]).index_select(0, plan.slot_R)
         dy_RD = dout_ND.index_select(0, plan.token_R).mul_(gate_R1.to(dtype).unsqueeze(-1))
