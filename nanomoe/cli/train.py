@@ -126,9 +126,11 @@ def cmd_train(args) -> int:
             _check_writable(run_dir)
         trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, resume_from=resume_from, dist=ctx)
         result = trainer.fit()
-        if ctx.is_main and not result["stopped"] and train_cfg.samples:
+        # every rank calls sample(): an FSDP model needs all of them for each forward
+        stories = trainer.sample() if not result["stopped"] and train_cfg.samples else []
+        if ctx.is_main and stories:
             print("\nSample stories (temperature 0.8, top-k 50):\n")
-            for i, story in enumerate(trainer.sample()):
+            for i, story in enumerate(stories):
                 print(f"--- story {i + 1} ---\n{story}\n")
         if ctx.is_main:
             last = result["last_eval"]

@@ -5,6 +5,10 @@ Layout of a run directory:
     RUN/
       checkpoints/step-00000500/     one directory per checkpoint:
           model.safetensors            weights (and persistent buffers such as router biases)
+          sharded/                     instead of the two files around this line under FSDP: weights and
+                                       AdamW state written by every rank with torch.distributed.checkpoint
+                                       (nanomoe/distributed.py; `nanomoe checkpoint consolidate` adds
+                                       model.safetensors)
           optimizer.pt                 AdamW state: tensors and numbers only (torch.load(weights_only=True))
           rng.pt                       torch RNG states (tensors only)
           trainer_state.json           step, tokens seen, data-loader position, best val loss, ...
@@ -37,11 +41,13 @@ from ..errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_FILES = ("model.safetensors", "model_config.json", "trainer_state.json")
+SHARDED_DIR = "sharded"  # DCP weights + optimizer state of FSDP runs, in place of model.safetensors
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,30 +122,10 @@ def save_checkpoint(
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "nanomoe": str(CHECKPOINT_FORMAT)})
             if optimizer_state is not None:
                 torch.save(optimizer_state, tmp / "optimizer.pt")
-            if rng_state is not None:
-                torch.save(rng_state, tmp / "rng.pt")
-            (tmp / "model_config.json").write_text(model_config.to_json() + "\n")
-            if train_config is not None:
-                (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
-            if tokenizer_json is not None:
-                (tmp / "tokenizer.json").write_text(tokenizer_json)
-            if data_meta is not None:
-                (tmp / "data_meta.json").write_text(json.dumps(data_meta, indent=2) + "\n")
-            # trainer_state.json last: its presence marks a complete checkpoint
-            state = {"format": CHECKPOINT_FORMAT, "saved_at": time.time(), **trainer_state}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            for f in tmp.iterdir():
-                _fsync_file(f)
-            _fsync_dir(tmp)
-            if final.exists():  # an incomplete leftover of a crashed save: nothing points to it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(root)
-        for pointer, extra in (pointers or {}).items():
-            write_json_atomic(
-                run_dir / f"{pointer}.json",
-                {"checkpoint": str(final.relative_to(run_dir)), "step": trainer_state.get("step"), **extra},
-            )
+            write_checkpoint_files(tmp, model_config=model_config, trainer_state=trainer_state, rng_state=rng_state,
+                                   train_config=train_config, tokenizer_json=tokenizer_json, data_meta=data_meta)
+            publish_checkpoint(tmp, final)
+        update_pointers(run_dir, final, pointers, trainer_state.get("step"))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "no space left on device" if e.errno == errno.ENOSPC else str(e)
@@ -152,8 +138,59 @@ def save_checkpoint(
     return final
 
 
+def write_checkpoint_files(
+    directory: Path,
+    *,
+    model_config: ModelConfig,
+    trainer_state: dict[str, Any],
+    rng_state: dict[str, Any] | None = None,
+    train_config: dict[str, Any] | None = None,
+    tokenizer_json: str | None = None,
+    data_meta: dict[str, Any] | None = None,
+) -> None:
+    """Everything but the weights and optimizer state; trainer_state.json last, as it marks a
+    complete checkpoint."""
+    tmp = Path(directory)
+    if rng_state is not None:
+        torch.save(rng_state, tmp / "rng.pt")
+    (tmp / "model_config.json").write_text(model_config.to_json() + "\n")
+    if train_config is not None:
+        (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
+    if tokenizer_json is not None:
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
+    if data_meta is not None:
+        (tmp / "data_meta.json").write_text(json.dumps(data_meta, indent=2) + "\n")
+    state = {"format": CHECKPOINT_FORMAT, "saved_at": time.time(), **trainer_state}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def publish_checkpoint(tmp: Path, final: Path) -> None:
+    """Flush a fully written temporary checkpoint directory to disk and rename it to `final`."""
+    for f in Path(tmp).rglob("*"):
+        if f.is_file():
+            fsync_file(f)
+    for d in [p for p in Path(tmp).rglob("*") if p.is_dir()] + [Path(tmp)]:
+        _fsync_dir(d)
+    if final.exists():  # an incomplete leftover of a crashed save: nothing points to it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def update_pointers(run_dir: Path, final: Path, pointers: dict[str, dict[str, Any]] | None, step: int | None) -> None:
+    """Point latest.json / best.json (os.replace, atomic) at checkpoint `final`."""
+    for pointer, extra in (pointers or {}).items():
+        write_json_atomic(
+            Path(run_dir) / f"{pointer}.json",
+            {"checkpoint": str(final.relative_to(run_dir)), "step": step, **extra},
+        )
+
+
 def is_complete(ckpt_dir: Path) -> bool:
-    return all((Path(ckpt_dir) / f).is_file() for f in REQUIRED_FILES)
+    d = Path(ckpt_dir)
+    if (d / SHARDED_DIR / ".metadata").is_file():  # FSDP: weights in sharded/ instead of model.safetensors
+        return all((d / f).is_file() for f in REQUIRED_FILES if f != "model.safetensors")
+    return all((d / f).is_file() for f in REQUIRED_FILES)
 
 
 def clean_incomplete(run_dir: str | Path) -> None:
@@ -237,13 +274,23 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Load model.safetensors into `model`, with a clear error if it is a different model."""
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(ckpt_dir) / "model.safetensors"), device="cpu")
-    expected = model.state_dict()
+    if not (Path(ckpt_dir) / "model.safetensors").is_file() and (Path(ckpt_dir) / SHARDED_DIR).is_dir():
+        from ..distributed import read_sharded_model_state
+
+        state = read_sharded_model_state(ckpt_dir, model.config)  # an FSDP checkpoint, read in this process
+    else:
+        state = load_file(str(Path(ckpt_dir) / "model.safetensors"), device="cpu")
     if model.config.tie_embeddings and "lm_head.weight" not in state and "tok_emb.weight" in state:
         state["lm_head.weight"] = state["tok_emb.weight"]
+    check_weights({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, ckpt_dir)
+    model.load_state_dict(state, strict=True)
+
+
+def check_weights(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], ckpt_dir: Path) -> None:
+    """Raise CheckpointError naming what differs when `state` does not fit shapes `expected`."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    mismatched = sorted(k for k in set(expected) & set(state) if tuple(expected[k]) != tuple(state[k].shape))
     if missing or unexpected or mismatched:
         details = []
         if missing:
@@ -252,12 +299,11 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
             details.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
         if mismatched:
             k = mismatched[0]
-            details.append(f"shape of {k} is {tuple(state[k].shape)}, the model expects {tuple(expected[k].shape)}")
+            details.append(f"shape of {k} is {tuple(state[k].shape)}, the model expects {tuple(expected[k])}")
         raise CheckpointError(
             f"checkpoint {ckpt_dir} holds a different model ({'; '.join(details)}); "
             "use the model config saved with the checkpoint (model_config.json)"
         )
-    model.load_state_dict(state, strict=True)
 
 
 def load_checkpoint(path: str | Path, prefer: str = "best", device: str | torch.device = "cpu") -> Checkpoint:

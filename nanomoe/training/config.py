@@ -35,6 +35,10 @@ class TrainConfig:
     # --- batch ---
     batch_size: int = 16  # sequences per micro-batch, per process
     grad_accum: int = 1  # micro-batches per optimizer step
+    # sequences per optimizer step over all processes; 0 = batch_size * grad_accum * world size. When
+    # set, it wins over batch_size (= global_batch_size / (grad_accum * world size)), so the run trains
+    # the same on any number of processes
+    global_batch_size: int = 0
 
     # --- optimizer: AdamW, weight decay only on >= 2-D weights ---
     lr: float = 3e-3
@@ -83,8 +87,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "seq_len", "eval_every", "eval_batches", "save_every", "keep_last", "samples",
-                     "sample_tokens", "threads"):
+        for name in ("max_steps", "global_batch_size", "seq_len", "eval_every", "eval_batches", "save_every",
+                     "keep_last", "samples", "sample_tokens", "threads"):
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs < 0:

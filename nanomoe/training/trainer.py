@@ -168,18 +168,23 @@ class Trainer:
                 f"--set seq_len or raise --set block_size"
             )
         self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
+        from ..distributed import micro_batch_size
+
+        if resume_from is not None:
+            train_config = self.cfg = _keep_global_batch(train_config, resume_from, self.dist.world_size)
+        self.batch_size = micro_batch_size(train_config, self.dist.world_size)  # per process and micro-step
         self.train_loader = BatchLoader(
-            self.data_dir, "train", train_config.batch_size, self.seq_len, mode=train_config.data_mode,
+            self.data_dir, "train", self.batch_size, self.seq_len, mode=train_config.data_mode,
             seed=train_config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
         )
         self.val_loader = BatchLoader(
-            self.data_dir, "val", train_config.batch_size, self.seq_len, mode=train_config.data_mode,
+            self.data_dir, "val", self.batch_size, self.seq_len, mode=train_config.data_mode,
             seed=train_config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
         )
         self.val_bytes_per_token = bytes_per_token(self.data_meta, "val")
 
         # --- length of the run ---
-        self.sequences_per_step = train_config.batch_size * train_config.grad_accum * self.dist.world_size
+        self.sequences_per_step = self.batch_size * train_config.grad_accum * self.dist.world_size
         self.steps_per_epoch = max(1, self._samples_per_epoch() // self.sequences_per_step)
         if train_config.max_steps:
             self.total_steps = train_config.max_steps
@@ -189,12 +194,12 @@ class Trainer:
             raise ConfigError("the run has no length: pass --max-steps N or --set epochs=N")
 
         # --- model and optimizer ---
-        torch.manual_seed(train_config.seed)  # identical initial weights on every rank
+        from ..distributed import build_model, parallelize
+
         self.model_config = model_config
-        self.model = GPT(model_config).to(self.device)
-        if train_config.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
-        from ..distributed import parallelize
+        # built on the meta device, sharded under FSDP, then initialized from train_config.seed:
+        # identical initial weights on every rank and for every strategy
+        self.model = build_model(model_config, train_config, self.dist, self.device)
 
         self.train_model = parallelize(self.model, train_config, self.dist, self.device)
         if train_config.compile:
@@ -254,7 +259,7 @@ class Trainer:
         pointers = {"latest": {}}
         if best:
             pointers["best"] = {"val_loss": self.state.best_val_loss}
-        if save_sharded_checkpoint_if_needed(self, name, pointers):
+        if save_sharded_checkpoint_if_needed(self, name, pointers, keep=keep):
             return self.run_dir / "checkpoints" / name
         if not self.dist.is_main:
             return None
@@ -353,13 +358,14 @@ class Trainer:
 
         grad_norm = None
         if finite:
+            from ..distributed import full_value
+
             self.scaler.unscale_(self.optimizer)
             if self.cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             else:
-                grad_norm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None])
-                )
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            grad_norm = full_value(grad_norm)  # a DTensor under FSDP
             finite = bool(torch.isfinite(grad_norm)) or self.scaler.is_enabled()
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -391,7 +397,7 @@ class Trainer:
         max_batches = self.cfg.eval_batches or None
         result = evaluate(
             self.train_model,
-            self.val_loader.eval_batches(self.cfg.batch_size, max_batches=max_batches),
+            self.val_loader.eval_batches(self.batch_size, max_batches=max_batches),
             device=self.device,
             autocast=self.autocast(),
             bytes_per_token=self.val_bytes_per_token,
@@ -488,15 +494,17 @@ class Trainer:
         if improved:
             state.best_val_loss, state.best_step = result["loss"], state.step
         self.logger.log_eval(state.step, result)
-        if progress is not None:
+        if progress is not None and self.dist.is_main:
             progress.write(self.logger.format_eval(state.step, result))
         self.save(best=improved)
 
     def sample(self, n: int | None = None, max_new_tokens: int | None = None, prompt: str | None = None,
                seed: int = 0) -> list[str]:
         """A few stories from the current model (temperature 0.8, top-k 50), as text."""
+        from ..distributed import is_fsdp
+
         n = self.cfg.samples if n is None else n
-        if n <= 0:
+        if n <= 0 or not (self.dist.is_main or is_fsdp(self.model)):  # FSDP: every rank joins each forward
             return []
         prompt = self.cfg.sample_prompt if prompt is None else prompt
         ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
@@ -511,6 +519,25 @@ class Trainer:
                 new = new[: new.index(self.tokenizer.eot_id)]
             stories.append((prompt + self.tokenizer.decode(new)).strip())
         return stories
+
+
+def _keep_global_batch(train_config: TrainConfig, resume_from, world_size: int) -> TrainConfig:
+    """Resuming on a different number of processes keeps the run's global batch (so the data stream
+    continues exactly) unless global_batch_size was set: per-process batches are resized."""
+    if train_config.global_batch_size:
+        return train_config
+    try:
+        state = ckpt.read_json(ckpt.resolve_checkpoint(resume_from, prefer="latest") / "trainer_state.json")
+    except NanoMoEError:
+        return train_config  # _resume reports the problem
+    saved_world = int(state.get("world_size", 1))
+    loader_batch = (state.get("loader") or {}).get("global_batch_size")
+    if saved_world == world_size or not loader_batch:
+        return train_config
+    global_batch = int(loader_batch) * train_config.grad_accum
+    log.info("resuming a run saved on %d process(es) on %d: keeping its global batch of %d sequences per step",
+             saved_world, world_size, global_batch)
+    return train_config.replace(global_batch_size=global_batch)
 
 
 def check_data_dir(path: Path) -> None:

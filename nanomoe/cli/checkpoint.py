@@ -1,0 +1,63 @@
+"""`nanomoe checkpoint ...`: operations on saved checkpoints."""
+
+from __future__ import annotations
+
+from . import add_command
+
+
+def cmd_checkpoint(args) -> int:
+    """Work with saved checkpoints: `nanomoe checkpoint consolidate RUN` (sharded FSDP checkpoint ->
+    model.safetensors)."""
+    args.checkpoint_parser.print_help()
+    return 2
+
+
+def cmd_consolidate(args) -> int:
+    """Turn a sharded checkpoint (written by every rank of an FSDP run) into one model.safetensors,
+    so generation, evaluation and export read it like any other checkpoint. Runs in one process, on
+    the CPU, with no process group; it needs RAM for the whole model (fp32: 4 bytes per parameter).
+
+    Without --out, model.safetensors is added to the checkpoint directory itself (resume still uses
+    the shards, which also hold the optimizer state). With --out, a new directory gets the weights,
+    configs, tokenizer and trainer state.
+
+    Examples:
+      nanomoe checkpoint consolidate runs/moe-3b                  # its best (else latest) checkpoint
+      nanomoe checkpoint consolidate runs/moe-3b/checkpoints/step-00020000 --out moe-3b-final --dtype bf16
+      nanomoe generate moe-3b-final --prompt "Once upon a time"
+    """
+    import torch
+
+    from ..distributed import consolidate_checkpoint
+    from ..errors import CheckpointError
+    from ..training import checkpoint as ckpt
+
+    ckpt_dir = ckpt.resolve_checkpoint(args.path, prefer=args.prefer)
+    if not (ckpt_dir / ckpt.SHARDED_DIR).is_dir():
+        if args.out is None:
+            print(f"{ckpt_dir} is not sharded: its model.safetensors is already what generation reads")
+            return 0
+        raise CheckpointError(f"{ckpt_dir} is not sharded (it has model.safetensors); copy the directory instead")
+    if args.out is None and (ckpt_dir / "model.safetensors").is_file() and not args.force:
+        print(f"{ckpt_dir} already has model.safetensors (pass --force to write it again)")
+        return 0
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    written = consolidate_checkpoint(ckpt_dir, args.out, dtype=dtype)
+    size = (written / "model.safetensors").stat().st_size
+    print(f"wrote {written / 'model.safetensors'} ({size / 1024**2:.1f} MiB, {args.dtype}); "
+          f"sample with: nanomoe generate {written}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = add_command(subparsers, "checkpoint", cmd_checkpoint)
+    parser.set_defaults(checkpoint_parser=parser)
+    sub = parser.add_subparsers(dest="checkpoint_command", metavar="COMMAND")
+    p = add_command(sub, "consolidate", cmd_consolidate)
+    p.add_argument("path", help="run dir (its best.json, else latest.json) or a checkpoints/step-* dir")
+    p.add_argument("--out", help="write a new checkpoint directory here instead of adding to the checkpoint")
+    p.add_argument("--prefer", choices=["best", "latest"], default="best",
+                   help="which checkpoint of a run dir (default best)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="stored weight precision (bf16 halves the file; loading casts back to fp32)")
+    p.add_argument("--force", action="store_true", help="rewrite model.safetensors if it is already there")
