@@ -53,6 +53,11 @@ def _ffn_params(dim: int, hidden: int, activation: str, bias: bool) -> int:
     return _ffn_weights(dim, hidden, activation) + ((in_width + dim) if bias else 0)
 
 
+def norm_params(cfg: ModelConfig) -> int:
+    """Parameters of one norm layer (gain, and a bias for a biased LayerNorm)."""
+    return cfg.n_embd * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+
+
 def _attention_weights(cfg: ModelConfig) -> int:
     """Weight-matrix entries of one attention layer: fused qkv and the output projection."""
     return cfg.n_embd * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim * cfg.n_embd
@@ -61,7 +66,6 @@ def _attention_weights(cfg: ModelConfig) -> int:
 def count_parameters(cfg: ModelConfig) -> ParamCounts:
     D, d = cfg.n_embd, cfg.head_dim
     attention_biases = ((cfg.n_head + 2 * cfg.n_kv_head) * d + D) if cfg.bias else 0
-    norm_params = D * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
 
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.n_layer - n_moe
@@ -74,7 +78,7 @@ def count_parameters(cfg: ModelConfig) -> ParamCounts:
         token_embedding=cfg.vocab_size * D,
         position_embedding=cfg.block_size * D if cfg.position == "learned" else 0,
         attention=cfg.n_layer * (_attention_weights(cfg) + attention_biases),
-        norms=(2 * cfg.n_layer + 1) * norm_params,
+        norms=(2 * cfg.n_layer + 1) * norm_params(cfg),
         dense_ffn=n_dense * _ffn_params(D, cfg.ffn_hidden, cfg.ffn, cfg.bias),
         router=n_moe * router_per_layer,
         experts=n_moe * cfg.n_experts * per_expert,
@@ -160,14 +164,25 @@ def memory_estimate(
 ) -> dict[str, dict[str, float]]:
     """Training memory in bytes, for fp32 and bf16-autocast training, with/without activation
     checkpointing, and per GPU when parameters, gradients and AdamW states are sharded by FSDP over
-    `gpus` devices (FSDP2 with bf16 compute keeps two unsharded bf16 blocks: current + prefetched)."""
+    `gpus` devices, as nanomoe.distributed.shard_model does it (FSDP2, one unit per block):
+    - 16 bytes per parameter / gpus: fp32 weights, fp32 gradients, AdamW m and v, all sharded;
+    - unsharded, in the compute dtype: two blocks' parameters and gradients (the current block and the
+      prefetched one), plus the root unit (embeddings, final norm, head), which FSDP2 keeps gathered
+      from the forward pass to the end of the backward pass; with bf16 compute, one block's gradients
+      also in fp32 (the reduce-scatter runs in fp32)."""
     seq_len = seq_len or cfg.block_size
     counts = count_parameters(cfg)
     P = counts.total
     tokens = batch_size * seq_len
     act = activation_elements_per_token(cfg)
     block_input = cfg.n_embd * 4  # what activation checkpointing keeps per layer (fp32 residual)
-    largest_block = (counts.total - counts.embedding - counts.lm_head) / cfg.n_layer
+    n_moe = len(cfg.moe_layers)
+    per_layer = (counts.attention + counts.norms - norm_params(cfg)) / cfg.n_layer  # attention + 2 norms
+    largest_block = per_layer + max(
+        (counts.router + counts.experts + counts.shared_experts) / n_moe if n_moe else 0,
+        counts.dense_ffn / (cfg.n_layer - n_moe) if cfg.n_layer > n_moe else 0,
+    )
+    root_unit = counts.embedding + counts.lm_head + norm_params(cfg)
 
     result = {}
     for precision, low_bytes in (("fp32", 4), ("bf16", 2)):
@@ -187,7 +202,9 @@ def memory_estimate(
             "total_checkpointed": weights + grads + optimizer + checkpointed,
         }
         if gpus > 1 or precision == "bf16":
-            unsharded = 2 * largest_block * low_bytes * 2  # params + grads of two blocks in compute dtype
+            unsharded = (2 * largest_block + root_unit) * low_bytes * 2  # params + grads in compute dtype
+            if low_bytes < 4:
+                unsharded += 4 * largest_block  # fp32 copy of one block's gradients for the reduce-scatter
             sharded_state = (weights + grads + optimizer) / gpus
             row["fsdp_per_gpu"] = sharded_state + unsharded + activations
             row["fsdp_per_gpu_checkpointed"] = sharded_state + unsharded + checkpointed
