@@ -25,7 +25,7 @@ its time; the rest is memory passes and allocations, and plain autograd adds man
 
 Row padding: oneDNN (torch's CPU bf16 matmul) JIT-compiles a kernel for every new matrix shape,
 ~4 ms each on the 2-core machine against ~0.4 ms for the product itself. Expert loads change every
-step, so unpadded blocks would compile new kernels all training long; blocks rounded up to 64 rows
+step, so unpadded blocks would compile new kernels all training long; blocks rounded up to 32 rows
 keep the set of shapes small. Padding rows gather token 0 and carry gate weight 0, so their outputs
 are never read and their gradients are exactly zero.
 """
@@ -94,9 +94,9 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def row_multiple_for(device: torch.device, dtype: torch.dtype) -> int:
-    """Expert blocks are padded to this many rows: 64 where matmul kernels are compiled per shape
+    """Expert blocks are padded to this many rows: 32 where matmul kernels are compiled per shape
     (oneDNN, CPU half precision), 1 elsewhere (MKL fp32 and cuBLAS pick kernels without compiling)."""
-    return 64 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
+    return 32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
 
 
 def grouped_ffn(
