@@ -7,8 +7,9 @@ Shape legend (suffixes on tensor names):
 
 Flow: the router scores every token against every expert (in fp32), picks K experts per token and
 their gate weights; the dispatcher sorts the N*K assignments by expert so each expert's tokens are
-one contiguous slice, runs every expert on its slice with one matrix product per weight matrix, and
-scatters the weighted results back to token order. No Python loop ever runs over tokens.
+one contiguous block, runs every expert on its block with one matrix product per weight matrix, and
+gathers each token's K weighted results back. No Python loop ever runs over tokens. The expert
+computation is one autograd Function with a hand-written backward (grouped_ffn.py; docs/moe.md).
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def dispatch_and_combine(
     experts: GroupedExperts,
     capacity: int | None,
 ) -> tuple[torch.Tensor, int]:
-    """Sort assignments by expert, run each expert on its contiguous slice, scatter back weighted.
+    """Sort assignments by expert, run each expert on its contiguous block, gather back weighted.
 
     Returns the combined output (N, D) and the number of assignments kept (N*K when dropless).
     With a capacity, first choices of all tokens outrank second choices (GShard), and within a rank
