@@ -193,6 +193,7 @@ class _GroupedFFN(torch.autograd.Function):
         return out_ND
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward is not itself differentiable
     def backward(ctx, dout_ND):
         x_RD, h_RH, u_RH, s_RH, a_RH, y_KND, gate_KN, w_in_c, w_out_c = ctx.saved_tensors
         plan: ExpertPlan = ctx.plan
