@@ -420,9 +420,10 @@ class TextStep:
     """New text of every row after one step (empty for rows that stopped or are mid-character)."""
 
     pieces: list[str]
-    tokens: list[int | None]
+    tokens: list[int | None]  # as in Step: None for rows that had already stopped
+    stopped: list[bool]  # as in Step: the row's token is a stop token (not part of the text)
     finished: list[bool]  # rows that ended at this step (stop token or stop string)
-    experts: list[torch.Tensor] = field(default_factory=list)
+    experts: list[torch.Tensor] = field(default_factory=list)  # as in Step
 
 
 def stream_text(model: GPT, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -472,14 +473,14 @@ def stream_text(model: GPT, tokenizer, prompts: Sequence[str] | Sequence[Sequenc
             emitted[row] = max(emitted[row], len(text))
             ended[row] = fin
             finished.append(fin)
-        yield TextStep(pieces, step.tokens, finished, step.experts)
+        yield TextStep(pieces, step.tokens, step.stopped, finished, step.experts)
     # rows cut by max_new_tokens: hand out what was held back
     tail = []
     for row, dec in enumerate(texts):
         dec.flush()
         tail.append("" if ended[row] else dec.text[emitted[row]:])
     if any(tail):
-        yield TextStep(tail, [None] * len(tail), [not e for e in ended], [])
+        yield TextStep(tail, [None] * len(tail), [False] * len(tail), [not e for e in ended], [])
 
 
 @contextlib.contextmanager
