@@ -82,8 +82,10 @@ def print_report(result: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    """Evaluate a checkpoint: validation loss over real tokens (padding excluded), perplexity, bits
-    per byte, next-token accuracy, and for MoE models the routing health of every layer.
+    """Evaluate a checkpoint: loss (padding excluded), perplexity, bits per byte, accuracy.
+
+    Loss is the mean cross-entropy over real target tokens only; MoE models also get the routing
+    health of every layer (load, entropy, confidence, dead and overloaded experts).
 
     Examples:
       nanomoe eval --checkpoint runs/tiny-moe --data builtin

@@ -7,10 +7,12 @@ from .evaluate import add_checkpoint_data_args, load_checkpoint_and_data
 
 
 def cmd_experts(args) -> int:
-    """Analyse how an MoE model uses its experts: per layer the share of tokens each expert gets,
-    load CV, routing entropy, router confidence, the top-2 co-selection matrix, dead and overloaded
-    experts, and the tokens each expert receives most. Writes experts.json, PNG heatmaps and
-    report.html (self-contained: sample stories with every token coloured by its expert, per layer).
+    """Expert usage report of an MoE checkpoint: experts.json, PNG heatmaps and report.html.
+
+    Per MoE layer: the share of tokens each expert gets, load CV, routing entropy, router confidence,
+    the top-2 co-selection matrix, dead and overloaded experts, and the tokens each expert receives
+    most. report.html is self-contained: sample stories with every token coloured by its expert,
+    with a layer selector.
 
     Examples:
       nanomoe experts --checkpoint runs/tiny-moe --data builtin --out reports/tiny-moe

@@ -8,9 +8,10 @@ from . import add_command
 
 
 def cmd_export(args) -> int:
-    """Export a checkpoint for Hugging Face transformers: rope + rmsnorm + swiglu models become
-    LlamaForCausalLM (dense) or MixtralForCausalLM (MoE), with the tokenizer as a
-    PreTrainedTokenizerFast, generation defaults and a model card. Weights in safetensors.
+    """Export a checkpoint as a Hugging Face transformers folder (Llama or Mixtral).
+
+    rope + rmsnorm + swiglu models become LlamaForCausalLM (dense) or MixtralForCausalLM (MoE), with
+    the tokenizer as a PreTrainedTokenizerFast, generation defaults and a model card; safetensors weights.
 
     Architectures with no transformers equivalent (learned positions, LayerNorm, ReLU/GELU, biases,
     Switch routing, shared experts, capacity limits) are refused with what would have to change.
