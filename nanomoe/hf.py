@@ -262,8 +262,8 @@ def _model_card(model, tokenizer, config: dict[str, Any], info: dict[str, Any], 
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | `{arch}`: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} query heads / "
-        f"{cfg.n_kv_head} key-value heads, rotary positions (theta {cfg.rope_theta:g}), RMSNorm, SwiGLU |",
+        (f"| architecture | `{arch}`: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} query heads / "
+         f"{cfg.n_kv_head} key-value heads, rotary positions (theta {cfg.rope_theta:g}), RMSNorm, SwiGLU |"),
     ]
     if cfg.is_moe:
         lines.append(f"| experts | {cfg.n_experts} per layer, top-{cfg.top_k} routing, expert hidden width "
@@ -273,8 +273,8 @@ def _model_card(model, tokenizer, config: dict[str, Any], info: dict[str, Any], 
     lines += [
         f"| parameters | {total:,} total, {active:,} active per token |",
         f"| context | {cfg.block_size} tokens |",
-        f"| vocabulary | {cfg.vocab_size} ({'byte-level BPE' if tokenizer.kind == 'bpe' else 'word-level'} "
-        f"tokenizer) |",
+        (f"| vocabulary | {cfg.vocab_size} ({'byte-level BPE' if tokenizer.kind == 'bpe' else 'word-level'} "
+         "tokenizer) |"),
         f"| weights | `model.safetensors`, {dtype} |",
     ]
     for key, label in (("step", "training steps"), ("tokens_seen", "training tokens"),
@@ -356,7 +356,8 @@ def export_hf(model, tokenizer, out_dir, *, dtype: str = "float32", overwrite: b
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(eot), indent=2) + "\n")
         save_hf_tokenizer(tokenizer, tmp, model_max_length=cfg.block_size)
         (tmp / "README.md").write_text(_model_card(model, tokenizer, config, info, dtype))
-        provenance = {"format": EXPORT_FORMAT, "nanomoe_version": __version__, "architecture": config["architectures"][0],
+        provenance = {"format": EXPORT_FORMAT, "nanomoe_version": __version__,
+                      "architecture": config["architectures"][0],
                       "dtype": dtype, "tokenizer_sha256": tokenizer.sha256, "model_config": cfg.to_dict(), **info}
         (tmp / EXPORT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
         if out.exists():

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -164,7 +163,7 @@ def test_dense_checkpoints_are_refused(data_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # report.html in a real browser, driven over the Chrome DevTools Protocol (stdlib websocket client)
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
                  if p and os.path.exists(p)), None)
 
 
@@ -290,7 +289,8 @@ def test_report_in_headless_chromium(browser, analysis, tmp_path):
     # a hostile story: token texts that would break out of the page if they were pasted in as HTML
     hostile = ["</script><script>window.pwned=1</script>", "<img src=http://example.invalid/x.png>", " & ",
                "\u2028 ok"]
-    routes = [{"experts": layer["experts"][:4], "probs": layer["probs"][:4]} for layer in analysis["samples"][0]["layers"]]
+    routes = [{"experts": layer["experts"][:4], "probs": layer["probs"][:4]}
+              for layer in analysis["samples"][0]["layers"]]
     data = {**analysis, "samples": analysis["samples"] + [{"ids": [1, 2, 3, 4], "tokens": hostile, "layers": routes}]}
     page = write_report(data, tmp_path / "report")["html"]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from . import add_command
 
@@ -72,11 +71,13 @@ def print_report(result: dict) -> None:
     moe = result.get("moe")
     if moe:
         layers = moe["layers"]
-        print(f"MoE routing    {len(layers)} layers: load cv {moe['load_cv']:.3f}, entropy {moe['routing_entropy']:.3f} "
+        print(f"MoE routing    {len(layers)} layers: load cv {moe['load_cv']:.3f}, "
+              f"entropy {moe['routing_entropy']:.3f} "
               f"nats, dead experts {moe['dead_experts']}, dropped {100 * moe['dropped_fraction']:.2f}%")
         print("  layer  load_cv  max_load  entropy  confidence  dropped  dead  overloaded")
         for i, layer in enumerate(layers):
-            print(f"  {i:5d}  {layer['load_cv']:7.3f}  {layer['max_load_fraction']:8.3f}  {layer['routing_entropy']:7.3f}"
+            print(f"  {i:5d}  {layer['load_cv']:7.3f}  {layer['max_load_fraction']:8.3f}"
+                  f"  {layer['routing_entropy']:7.3f}"
                   f"  {layer['router_confidence']:10.3f}  {100 * layer['dropped_fraction']:6.2f}%  "
                   f"{len(layer['dead_experts']):4d}  {','.join(map(str, layer['overloaded_experts'])) or '-'}")
 
