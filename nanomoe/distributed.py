@@ -136,31 +136,32 @@ def is_fsdp(model: torch.nn.Module) -> bool:
 
 
 def build_model(model_config, train_config, ctx: DistContext, device: torch.device):
-    """The GPT the trainer optimizes, on `device`.
+    """The GPT the trainer optimizes, on `device`, with activation checkpointing if asked.
 
-    Built on the meta device (no memory), then: activation checkpointing if asked; under FSDP
-    `fully_shard` per block and at the root, so materializing allocates only this rank's shards
-    (how a 3B model starts on GPUs that could not hold it whole); then initialized with the CPU RNG
-    seeded by train_config.seed, module by module, so every strategy and world size starts from the
-    same weights.
+    Under FSDP it is built on the meta device (no memory), sharded with `fully_shard` per block and
+    at the root, and only then materialized, so each rank allocates its own shards only (how a 3B
+    model starts on GPUs that could not hold it whole). Every strategy then initializes it with the
+    CPU RNG seeded by train_config.seed, module by module: single, DDP and FSDP at any world size
+    start from the same weights.
     """
     from .model import GPT
     from .training.trainer import apply_activation_checkpointing
 
-    with torch.device("meta"):
-        model = GPT(model_config)
+    sharded = train_config.strategy == "fsdp" and ctx.enabled
+    if sharded:
+        with torch.device("meta"):
+            model = GPT(model_config)
+    else:
+        model = GPT(model_config)  # every process holds it whole anyway (and meta costs ~1 s on first use)
     if train_config.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if train_config.strategy == "fsdp" and ctx.enabled:
+    if sharded:
         shard_model(model, ctx, train_config.precision, device)
         model.to_empty(device=device)  # allocates the local shards only
         torch.manual_seed(train_config.seed)
         init_sharded_weights(model)
     else:
-        model.to_empty(device="cpu")
-        if model_config.tie_embeddings:  # to_empty gives each module its own tensor
-            model.lm_head.weight = model.tok_emb.weight
-        torch.manual_seed(train_config.seed)
+        torch.manual_seed(train_config.seed)  # init_weights overwrites every parameter: same numbers as FSDP's
         model.init_weights()
         model.to(device)
     return model

@@ -33,9 +33,10 @@ from nanomoe.training.config import TrainConfig
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
-# 6 steps, evaluated and saved at steps 3 and 6, fp32 so runs can be compared to 1e-5
+# 6 steps of 2 accumulated micro-batches, evaluated and saved at steps 3 and 6, in fp32 so runs can be
+# compared to 1e-5. The global batch is 8 sequences: 1 process x 4 x 2 micro-steps, or 2 x 2 x 2.
 COMMON = [
-    "--preset", "debug", "--max-steps", str(STEPS), "--no-progress",
+    "--preset", "debug", "--max-steps", str(STEPS), "--no-progress", "--set", "grad_accum=2",
     "--set", "block_size=32", "--set", "aux_loss_coef=0", "--set", "precision=fp32",
     "--set", "eval_every=3", "--set", "eval_batches=2", "--set", "log_every=1", "--set", "samples=0",
     "--set", "plots=false", "--set", "tensorboard=false", "--set", "lr=3e-3",
@@ -94,25 +95,29 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_run(data_dir, tmp_path_factory):
-    """The reference: one process, batch 8."""
+    """The reference: one process, micro-batches of 4."""
     out = tmp_path_factory.mktemp("single") / "run"
-    assert main(["train", *COMMON, "--data", str(data_dir), "--out", str(out), "--set", "batch_size=8"]) == 0
+    assert main(["train", *COMMON, "--data", str(data_dir), "--out", str(out), "--set", "batch_size=4"]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(data_dir, tmp_path_factory):
-    """2 processes x batch 4 with FSDP2; tensorboard and plots on, to see who writes them."""
+    """2 processes x micro-batches of 2 with FSDP2 and activation checkpointing; tensorboard and plots
+    on, to see who writes them."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    proc = torchrun("train", *COMMON, "--data", data_dir, "--out", out, "--strategy", "fsdp", "--set", "batch_size=4",
+    proc = torchrun("train", *COMMON, "--data", data_dir, "--out", out, "--strategy", "fsdp", "--set", "batch_size=2",
+                    "--set", "activation_checkpointing=true",
                     "--set", "plots=true", "--set", "tensorboard=true", "--set", "samples=1",
                     "--set", "sample_tokens=8")
     return out, proc
 
 
 def test_ddp_matches_one_process_with_the_same_global_batch(data_dir, single_run, tmp_path):
+    # with activation checkpointing, and gradient sync skipped on the first micro-step (no_sync)
     out = tmp_path / "ddp"
-    torchrun("train", *COMMON, "--data", data_dir, "--out", out, "--strategy", "ddp", "--set", "batch_size=4")
+    torchrun("train", *COMMON, "--data", data_dir, "--out", out, "--strategy", "ddp", "--set", "batch_size=2",
+             "--set", "activation_checkpointing=true")
     assert (out / "checkpoints" / "step-00000006" / "model.safetensors").is_file()  # rank 0's single file
     assert_same_run(out, single_run)
 
@@ -144,6 +149,12 @@ def test_fsdp_checkpoint_resumes_on_one_process(fsdp_run, single_run, tmp_path):
     assert main(["train", "--resume", str(run), "--strategy", "single", "--no-progress"]) == 0
     assert_same_run(run, single_run, steps=range(4, STEPS + 1))
     assert (run / "checkpoints" / "step-00000006" / "model.safetensors").is_file()  # saved by 1 process
+
+
+def test_fsdp_checkpoint_resumes_on_two_with_fsdp(fsdp_run, single_run, tmp_path):
+    run = rewind_to_step_3(fsdp_run[0], tmp_path / "run")
+    torchrun("train", "--resume", run, "--no-progress")
+    assert_same_run(run, single_run, steps=range(4, STEPS + 1))
 
 
 def test_one_process_checkpoint_resumes_on_two_with_fsdp(single_run, tmp_path):

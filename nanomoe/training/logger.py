@@ -126,6 +126,8 @@ class MetricsLogger:
         return _Progress(total, initial) if enabled else _NoProgress()
 
     def mfu(self, flops_per_s: float, precision: str, device: torch.device) -> float:
+        if not self.enabled:  # other ranks log nothing: skip the seconds-long peak measurement
+            return 0.0
         return flops_per_s / measured_peak_flops(precision, device)
 
     def log_train(self, step: int, row: dict[str, Any]) -> None:

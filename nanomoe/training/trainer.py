@@ -421,7 +421,10 @@ class Trainer:
         stopped_by_signal = False
         with StopRequest() as stop:
             while state.step < self.total_steps:
-                if stop.requested or (stop_at_step is not None and state.step >= stop_at_step):
+                requested = stop.requested
+                if self.dist.enabled:  # a signal reaches ranks at different steps: stop together or hang
+                    requested = bool(self.dist.all_reduce_sum(torch.tensor([float(requested)])).item())
+                if requested or (stop_at_step is not None and state.step >= stop_at_step):
                     stopped_by_signal = True
                     break
                 t0 = time.perf_counter()
