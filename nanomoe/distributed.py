@@ -199,9 +199,11 @@ def init_sharded_weights(model) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     visit_in_order = model.named_modules
+    visited = []
 
     def materializing_walk():
         for name, module in visit_in_order():
+            visited.append(name)
             sharded = {k: p for k, p in module._parameters.items() if isinstance(p, DTensor)}
             full = {k: torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype)) for k, p in sharded.items()}
             module._parameters.update(full)
@@ -218,6 +220,8 @@ def init_sharded_weights(model) -> None:
         model.init_weights()
     finally:
         del model.named_modules
+    if not visited:  # the shards would hold uninitialized memory
+        raise RuntimeError("GPT.init_weights no longer walks self.named_modules(); update init_sharded_weights")
 
 
 # ---------------------------------------------------------------------------------------------
