@@ -66,6 +66,7 @@ def _bench_moe(args) -> int:
         "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats,
         "malloc": malloc,
+        "clock": args.clock,
     }
     for device in devices:
         result = bench_device(args, device)
@@ -173,6 +174,8 @@ def make_step(module, forward, xs, grad_out, dtype_name: str, device: str):
 
 
 def bench_device(args, device: str) -> dict:
+    import time
+
     import torch
 
     from .timing import time_interleaved
@@ -190,7 +193,8 @@ def bench_device(args, device: str) -> dict:
     for dtype_name in args.dtypes.split(","):
         for name, (module, forward) in candidates.items():
             steps[f"{name}_{dtype_name}"] = make_step(module, forward, xs, grad_out, dtype_name, device)
-    seconds = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    seconds = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device, clock=clock)
 
     result: dict = {"device": device, "ms": {k: round(v * 1e3, 3) for k, v in seconds.items()}}
     result["max_abs_diff_vs_reference_fp32"] = {k: float(f"{v:.3g}") for k, v in max_diff.items()}
@@ -271,6 +275,10 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--malloc", choices=["keep-freed", "default"], default="keep-freed",
         help="keep-freed: glibc reuses freed memory instead of returning it (nanomoe.malloc); default: as is",
+    )
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="cpu: this process's CPU time, robust to a busy machine but only meaningful with --threads 1",
     )
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face block")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables (bf16)")

@@ -40,11 +40,21 @@ def _foreign_ticks(before, after) -> int:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2, device="cpu", inner: int = 1
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 7,
+    warmup: int = 2,
+    device="cpu",
+    inner: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds per call of each fn, measured round-robin so drifts in machine speed
     (thermal, other processes) hit every candidate alike. On Linux, a sample during which another
-    process took CPU time is retaken (a few times at most)."""
+    process took CPU time is retaken (a few times at most).
+
+    `clock=time.process_time` measures this process's CPU time instead of wall time: immune to
+    being descheduled on a shared machine, and equal to wall time for single-threaded CPU work
+    (with several threads it adds their times up, spin-waits included)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -54,11 +64,11 @@ def time_interleaved(
             for attempt in range(_MAX_RETRIES_PER_SAMPLE + 1):
                 sync(device)
                 ticks = _cpu_ticks()
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(inner):
                     fn()
                 sync(device)
-                seconds = (time.perf_counter() - t0) / inner
+                seconds = (clock() - t0) / inner
                 if _foreign_ticks(ticks, _cpu_ticks()) <= _FOREIGN_TICKS_ALLOWED:
                     break
             samples[name].append(seconds)
