@@ -7,7 +7,7 @@ from nanomoe.cli import main
 
 
 def test_bench_moe_json_has_the_headline_keys(capsys):
-    argv = ["bench", "moe", "--json", "--tokens", "64", "--n-embd", "16", "--expert-hidden", "32", "--n-experts", "4"]
+    argv = ["bench", "moe", "--json", "--batches", "2", "--tokens", "64", "--n-embd", "16", "--expert-hidden", "32", "--n-experts", "4"]
     # --malloc default: leave the test process's allocator alone
     assert main(argv + ["--repeats", "1", "--warmup", "0", "--threads", "1", "--malloc", "default"]) == 0
     report = json.loads(capsys.readouterr().out)

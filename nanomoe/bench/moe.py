@@ -12,8 +12,10 @@ Candidates, all at the same shape, timed round-robin in one process (median of -
              when transformers is installed.
 
 Each in fp32 and under bf16 autocast (the way nanomoe trains), on the CPU and on CUDA if present.
-A step is: zero the gradients, forward on a new input batch, backward of a fixed random output
-gradient. New batches route differently, so expert loads (and matrix shapes) vary as in training.
+A step is: zero the gradients, forward on the next of --batches input batches, backward of a fixed
+random output gradient. Batches route differently, so expert loads (and matrix shapes) vary from
+step to step as in training; the warmup goes once through all batches, so the timed steps see only
+matrix shapes every candidate has already compiled kernels for (a long run's steady state).
 """
 
 from __future__ import annotations
@@ -153,8 +155,8 @@ def make_inputs(args, device: str, n: int):
 
 
 def make_step(module, forward, xs, grad_out, dtype_name: str, device: str):
-    """One training step of `forward` on the next input batch. New batches route differently, so the
-    experts' row counts (hence matrix shapes) change from step to step as they do in training."""
+    """One training step of `forward` on the next batch of the pool `xs`. Batches route differently,
+    so the experts' row counts (hence matrix shapes) change from step to step as in training."""
     import itertools
 
     import torch
@@ -181,8 +183,7 @@ def bench_device(args, device: str) -> dict:
     from .timing import time_interleaved
 
     candidates = build_candidates(args, device)
-    # a fresh batch for every call of every candidate (up to time_interleaved's retakes)
-    xs, grad_out = make_inputs(args, device, n=args.warmup + 2 * args.repeats)
+    xs, grad_out = make_inputs(args, device, n=args.batches)
 
     # same function, same weights: check the candidates agree before timing them
     with torch.no_grad():
@@ -194,7 +195,10 @@ def bench_device(args, device: str) -> dict:
         for name, (module, forward) in candidates.items():
             steps[f"{name}_{dtype_name}"] = make_step(module, forward, xs, grad_out, dtype_name, device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    seconds = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device, clock=clock)
+    # warm up through the whole pool: every candidate has compiled every shape it will meet (oneDNN
+    # JIT-compiles a kernel per new matrix shape), the steady state of a long run
+    warmup = args.warmup + args.batches
+    seconds = time_interleaved(steps, repeats=args.repeats, warmup=warmup, device=device, clock=clock)
 
     result: dict = {"device": device, "ms": {k: round(v * 1e3, 3) for k, v in seconds.items()}}
     result["max_abs_diff_vs_reference_fp32"] = {k: float(f"{v:.3g}") for k, v in max_diff.items()}
@@ -242,12 +246,12 @@ def profile_bf16(args, device: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     candidates = build_candidates(args, device)
-    xs, grad_out = make_inputs(args, device, n=3 + args.repeats)
+    xs, grad_out = make_inputs(args, device, n=args.batches)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     for name in ("nanomoe", "dense"):
         module, forward = candidates[name]
         step = make_step(module, forward, xs, grad_out, "bf16", device)
-        for _ in range(3):
+        for _ in range(args.warmup + args.batches):
             step()
         with profile(activities=activities) as prof:
             for _ in range(args.repeats):
@@ -267,7 +271,8 @@ def register(subparsers) -> None:
     parser.add_argument("--ffn", choices=["swiglu", "relu", "gelu"], default="swiglu")
     parser.add_argument("--router", choices=["topk", "switch", "noisy_topk"], default="topk")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds, on top of one pass over the batches")
+    parser.add_argument("--batches", type=int, default=8, help="distinct input batches, cycled")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32 (no autocast), bf16 (autocast)")
     parser.add_argument("--device", default="auto", help="auto (CPU, and CUDA when present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
