@@ -118,13 +118,10 @@ def grouped_ffn(
     return _GroupedFFN.apply(x_ND, gate_KN, w_in, w_out, b_in, b_out, plan, activation, dtype)
 
 
-def _blocks(rows_per_expert: list[int]):
-    """(expert, row slice) of every expert with at least one row."""
-    start = 0
-    for e, n in enumerate(rows_per_expert):
-        if n > 0:
-            yield e, slice(start, start + n)
-        start += n
+def _per_expert(t: torch.Tensor | None, dim: int = 0):
+    """Per-expert views of a stacked (E, ...) tensor, made in one call (indexing in the loops below
+    would cost a few slicing ops per expert and product, a visible share of the layer's time)."""
+    return None if t is None else t.unbind(dim)
 
 
 def _linear(x, w, b, out):
@@ -163,13 +160,20 @@ class _GroupedFFN(torch.autograd.Function):
             b_in_c = b_in.to(dtype) if b_in is not None else None
             b_out_c = b_out.to(dtype) if b_out is not None else None
 
+            sizes = plan.rows_per_expert
+            active = [e for e, n in enumerate(sizes) if n > 0]
             x_RD = x_ND.to(dtype).index_select(0, plan.token_R)  # dispatch: a gather
             h_RH = x_RD.new_empty(R, H)  # input projection (for swiglu: its gate half)
             u_RH = x_RD.new_empty(R, H) if glu else None  # swiglu's up half
-            for e, rows in _blocks(plan.rows_per_expert):
-                _linear(x_RD[rows], w_in_c[e, :, :H], None if b_in_c is None else b_in_c[e, :H], h_RH[rows])
-                if glu:
-                    _linear(x_RD[rows], w_in_c[e, :, H:], None if b_in_c is None else b_in_c[e, H:], u_RH[rows])
+            xs, hs = x_RD.split(sizes), h_RH.split(sizes)
+            w_h, b_h = _per_expert(w_in_c[:, :, :H]), _per_expert(None if b_in_c is None else b_in_c[:, :H])
+            for e in active:
+                _linear(xs[e], w_h[e], None if b_h is None else b_h[e], hs[e])
+            if glu:
+                us = u_RH.split(sizes)
+                w_u, b_u = _per_expert(w_in_c[:, :, H:]), _per_expert(None if b_in_c is None else b_in_c[:, H:])
+                for e in active:
+                    _linear(xs[e], w_u[e], None if b_u is None else b_u[e], us[e])
             s_RH = None
             if glu:
                 s_RH = F.silu(h_RH)
@@ -181,8 +185,10 @@ class _GroupedFFN(torch.autograd.Function):
 
             y_RD = x_RD.new_empty(R + 1, D)  # + the zero row that dropped assignments read
             y_RD[R].zero_()
-            for e, rows in _blocks(plan.rows_per_expert):
-                _linear(a_RH[rows], w_out_c[e], None if b_out_c is None else b_out_c[e], y_RD[rows])
+            as_, ys = a_RH.split(sizes), y_RD[:R].split(sizes)
+            w_o, b_o = _per_expert(w_out_c), _per_expert(b_out_c)
+            for e in active:
+                _linear(as_[e], w_o[e], None if b_o is None else b_o[e], ys[e])
 
             y_KND = y_RD.index_select(0, plan.row_KN).view(K, N, D)  # combine: a gather
             out_ND = _sum_over_k(y_KND, gate_KN)
@@ -203,6 +209,8 @@ class _GroupedFFN(torch.autograd.Function):
         K, N = gate_KN.shape
         H = h_RH.shape[1]
         glu = ctx.activation == "swiglu"
+        sizes = plan.rows_per_expert
+        active = [e for e, n in enumerate(sizes) if n > 0]
         dout_ND = dout_ND.to(dtype)
 
         dgate_KN = None
@@ -216,9 +224,11 @@ class _GroupedFFN(torch.autograd.Function):
         # down projection
         da_RH = torch.empty_like(a_RH)
         dw_out = torch.empty_like(w_out_c)
-        for e, rows in _blocks(plan.rows_per_expert):
-            torch.mm(dy_RD[rows], w_out_c[e].t(), out=da_RH[rows])
-            torch.mm(a_RH[rows].t(), dy_RD[rows], out=dw_out[e])
+        dys, as_, das = dy_RD.split(sizes), a_RH.split(sizes), da_RH.split(sizes)
+        w_o, dw_o = _per_expert(w_out_c.transpose(1, 2)), _per_expert(dw_out)
+        for e in active:
+            torch.mm(dys[e], w_o[e], out=das[e])
+            torch.mm(as_[e].t(), dys[e], out=dw_o[e])
 
         # activation, in da's buffer (da is dead afterwards)
         du_RH = None
@@ -234,13 +244,18 @@ class _GroupedFFN(torch.autograd.Function):
         dx_RD = x_RD.new_empty(R + 1, D)
         dx_RD[R].zero_()
         dw_in = torch.empty_like(w_in_c)
-        for e, rows in _blocks(plan.rows_per_expert):
-            torch.mm(dh_RH[rows], w_in_c[e, :, :H].t(), out=dx_RD[rows])
-            torch.mm(x_RD[rows].t(), dh_RH[rows], out=dw_in[e, :, :H])
-            if glu:
-                torch.addmm(dx_RD[rows], du_RH[rows], w_in_c[e, :, H:].t(), out=dx_RD[rows])
-                torch.mm(x_RD[rows].t(), du_RH[rows], out=dw_in[e, :, H:])
-        for e, n in enumerate(plan.rows_per_expert):
+        xs, dhs, dxs = x_RD.split(sizes), dh_RH.split(sizes), dx_RD[:R].split(sizes)
+        w_h, dw_h = _per_expert(w_in_c[:, :, :H].transpose(1, 2)), _per_expert(dw_in[:, :, :H])
+        for e in active:
+            torch.mm(dhs[e], w_h[e], out=dxs[e])
+            torch.mm(xs[e].t(), dhs[e], out=dw_h[e])
+        if glu:
+            dus = du_RH.split(sizes)
+            w_u, dw_u = _per_expert(w_in_c[:, :, H:].transpose(1, 2)), _per_expert(dw_in[:, :, H:])
+            for e in active:
+                torch.addmm(dxs[e], dus[e], w_u[e], out=dxs[e])
+                torch.mm(xs[e].t(), dus[e], out=dw_u[e])
+        for e, n in enumerate(sizes):
             if n == 0:  # an expert with no tokens gets an exactly zero gradient
                 dw_in[e].zero_()
                 dw_out[e].zero_()
@@ -250,11 +265,11 @@ class _GroupedFFN(torch.autograd.Function):
         if ctx.has_bias:
             db_in = torch.zeros(w_in_c.shape[0], w_in_c.shape[2], dtype=torch.float32, device=x_RD.device)
             db_out = torch.zeros(w_out_c.shape[0], D, dtype=torch.float32, device=x_RD.device)
-            for e, rows in _blocks(plan.rows_per_expert):
-                db_in[e, :H] = dh_RH[rows].sum(0, dtype=torch.float32)
+            for e in active:
+                db_in[e, :H] = dhs[e].sum(0, dtype=torch.float32)
                 if glu:
-                    db_in[e, H:] = du_RH[rows].sum(0, dtype=torch.float32)
-                db_out[e] = dy_RD[rows].sum(0, dtype=torch.float32)
+                    db_in[e, H:] = dus[e].sum(0, dtype=torch.float32)
+                db_out[e] = dys[e].sum(0, dtype=torch.float32)
             db_in, db_out = db_in.to(b_dtype), db_out.to(b_dtype)
 
         return dx_ND.to(x_dtype), dgate_KN, dw_in.to(w_in_dtype), dw_out.to(w_out_dtype), db_in, db_out, None, None, None
