@@ -103,7 +103,8 @@ def test_ctrl_c_stops_the_story_and_the_session_goes_on(tokenizer, monkeypatch):
     session, out = session_for(tokenizer)
     session.settings.max_new_tokens = 40
     calls = {"n": 0}
-    forward = session.model.forward
+    head = session.model.lm_head  # runs once per forward pass: for the prompt, then for every new token
+    forward = head.forward
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -111,11 +112,11 @@ def test_ctrl_c_stops_the_story_and_the_session_goes_on(tokenizer, monkeypatch):
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(session.model, "forward", interrupted)
+    monkeypatch.setattr(head, "forward", interrupted)
     run(session, ["Once upon a time", "/max 3", "The dog"])
     text = out.getvalue()
     assert "(stopped)" in text
-    assert "[4 tokens" in text  # prefill + 3 steps gave 4 tokens before the 5th call was interrupted
+    assert "[4 tokens" in text  # the prompt's pass and 3 steps gave 4 tokens; the 5th pass was interrupted
     assert text.count("tokens/s") == 2 and "max_new_tokens = 3" in text
     assert not session.model.training
 
