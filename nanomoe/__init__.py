@@ -4,6 +4,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError, NanoMoEError
 from .model import GPT, KVCache, ModelOutput
 from .presets import PRESETS, get_preset
+from .training.checkpoint import load_checkpoint
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "ModelOutput",
     "PRESETS",
     "get_preset",
+    "load_checkpoint",
     "NanoMoEError",
     "ConfigError",
     "DataError",
