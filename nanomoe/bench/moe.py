@@ -21,6 +21,7 @@ matrix shapes every candidate has already compiled kernels for (a long run's ste
 from __future__ import annotations
 
 import json
+import os
 import platform
 
 from ..cli import add_command
@@ -70,6 +71,7 @@ def _bench_moe(args) -> int:
         "malloc": malloc,
         "clock": args.clock,
     }
+    load_before = _loadavg()
     for device in devices:
         result = bench_device(args, device)
         if device == devices[0]:
@@ -77,6 +79,8 @@ def _bench_moe(args) -> int:
         else:
             report[device] = result
 
+    # other processes' load, 1-minute average before and after: a busy machine distorts everything
+    report["loadavg"] = [load_before, _loadavg()]
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -84,6 +88,13 @@ def _bench_moe(args) -> int:
     if args.profile:
         profile_bf16(args, devices[0])
     return 0
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def build_candidates(args, device: str):
@@ -219,7 +230,8 @@ def print_table(report: dict, devices: list[str]) -> None:
     print(
         f"MoE layer forward+backward: {shape['tokens']} tokens, n_embd {shape['n_embd']}, "
         f"{shape['n_experts']} experts x hidden {shape['expert_hidden']}, top-{shape['top_k']}, {shape['ffn']}; "
-        f"torch {report['torch']}, {report['threads']} threads, malloc {report['malloc']}, median of {report['repeats']}"
+        f"torch {report['torch']}, {report['threads']} threads, malloc {report['malloc']}, {report['clock']} clock, "
+        f"median of {report['repeats']}; load average before/after {report['loadavg']}"
     )
     for device in devices:
         result = report if device == devices[0] else report[device]
