@@ -38,8 +38,12 @@ def load_model(args):
     else:
         from ..config import resolve_model_config
 
+        cfg = resolve_model_config(args.preset, None, args.set)
+        needed = args.prompt_tokens + args.new_tokens
+        if cfg.block_size < needed:  # a longer rope table costs nothing per token; the shape stays the same
+            cfg = cfg.replace(block_size=needed)
         torch.manual_seed(0)
-        model, name = GPT(resolve_model_config(args.preset, None, args.set)), args.preset
+        model, name = GPT(cfg), args.preset
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
     return model.eval(), name
@@ -49,6 +53,11 @@ def run(args) -> dict:
     from ..generation import generate_batch
     from .timing import _cpu_ticks, _foreign_ticks
 
+    from ..errors import ConfigError
+
+    for flag in ("new_tokens", "prompt_tokens", "batch_size", "repeats"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, model_name = load_model(args)
@@ -161,7 +170,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-tokens", type=int, default=1, help="prompt length in tokens (default: 1)")
     p.add_argument("--batch-size", type=int, default=32, help="rows of the batched measurement (default: 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median counts")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and cache dtype")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16",
+                   help="weights and KV cache (default bf16: half the bytes per token of fp32)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--compile", action=argparse_bool(), default=True,
                    help="torch.compile the decode step (default: on; --no-compile for eager)")
