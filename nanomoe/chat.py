@@ -75,6 +75,7 @@ class ChatSession:
             color = hasattr(self.out, "isatty") and self.out.isatty() and "NO_COLOR" not in os.environ
         self.color = color
         self.compile = compile
+        self.decoder = None  # with compile: one decoder for the whole session, so the step compiles once
         self.echo = echo  # print each prompt line back (when stdin is not a terminal, so transcripts read well)
         self.moe_layers = [i for i, block in enumerate(model.blocks) if block.is_moe]
 
@@ -177,7 +178,7 @@ class ChatSession:
     # -- a story -------------------------------------------------------------------------------
 
     def tell_story(self, prompt: str) -> None:
-        from .generation import stream_text
+        from .generation import Decoder, stream_text
 
         s = self.settings
         prompt_ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
@@ -185,6 +186,8 @@ class ChatSession:
         if len(prompt_ids) >= block:
             self.info(f"error: the prompt is {len(prompt_ids)} tokens; this model sees at most {block} (shorten it)")
             return
+        if self.compile and self.decoder is None:
+            self.decoder = Decoder(self.model, 1, block, compile=True)
         self.write(prompt)
         n_tokens, pending = 0, None  # pending: (text piece, token) waiting for its experts (next step)
         usage: dict[int, dict[int, int]] = {layer: {} for layer in self.moe_layers}
@@ -193,7 +196,7 @@ class ChatSession:
         gen = stream_text(
             self.model, self.tokenizer, [prompt_ids], s.max_new_tokens, stop_strings=s.stop_strings,
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-            seed=s.seed, compile=self.compile,
+            seed=s.seed, compile=self.compile, decoder=self.decoder,
         )
         try:
             for step in gen:
