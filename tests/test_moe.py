@@ -1,10 +1,13 @@
 """The MoE layer: fast dispatch against the plain reference loop, routers, balancing losses, capacity."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
+from nanomoe.grouped_ffn import grouped_ffn, make_plan
+from nanomoe.model import GPT, FeedForward
 from nanomoe.moe import (
     MoEFeedForward,
     dispatch_and_combine,
@@ -13,8 +16,6 @@ from nanomoe.moe import (
     moe_forward_reference,
     router_z_loss,
 )
-from nanomoe.grouped_ffn import grouped_ffn, make_plan
-from nanomoe.model import FeedForward, GPT
 from nanomoe.presets import get_preset
 
 
@@ -133,7 +134,7 @@ def test_switch_aux_loss_is_one_when_uniform_and_grows_with_imbalance():
         indices = balanced_indices.clone()
         indices[:n_to_zero] = 0
         losses.append(load_balance_loss(probs, indices).item())
-    assert all(b > a for a, b in zip(losses, losses[1:])), losses
+    assert all(b > a for a, b in itertools.pairwise(losses)), losses
     assert losses[0] == pytest.approx(1.0)
 
 
@@ -155,7 +156,7 @@ def test_z_loss_matches_formula():
 
 
 def test_capacity_drops_exactly_the_overflow():
-    N, D, E, K = 12, 8, 4, 2
+    N, E, K = 12, 4, 2
     layer = make_layer(n_experts=E, top_k=K, capacity_factor=1.0)
     experts = layer.experts
     x = torch.randn(N, experts.w_in.shape[1])
@@ -248,7 +249,7 @@ def test_router_runs_in_fp32_under_bf16_autocast():
     x = torch.randn(2, 10, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = layer.router(x.view(-1, 64))
-        out, stats = layer(x)
+        out, _ = layer(x)
     assert r.router_logits_NE.dtype == torch.float32
     assert r.expert_weights_NK.dtype == torch.float32
     assert torch.isfinite(out).all()

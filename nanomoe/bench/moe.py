@@ -60,10 +60,10 @@ def _bench_moe(args) -> int:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
     report: dict = {
-        "shape": dict(
-            tokens=args.tokens, n_embd=args.n_embd, expert_hidden=args.expert_hidden, n_experts=args.n_experts,
-            top_k=args.top_k, ffn=args.ffn, router=args.router,
-        ),
+        "shape": {
+            "tokens": args.tokens, "n_embd": args.n_embd, "expert_hidden": args.expert_hidden,
+            "n_experts": args.n_experts, "top_k": args.top_k, "ffn": args.ffn, "router": args.router,
+        },
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -254,7 +254,6 @@ def print_table(report: dict, devices: list[str]) -> None:
 
 def profile_bf16(args, device: str) -> None:
     """torch.profiler tables (self time by op) of the nanomoe layer and the dense FFN in bf16."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     candidates = build_candidates(args, device)
