@@ -204,8 +204,11 @@ class Decoder:
         logits_BV, experts = dec.step(logits_BV.argmax(-1))      # one new token per row
 
     `experts` holds, per MoE layer, the experts each row's token went to: (B, K) after a step,
-    (B, T, K) after prefill (padding included). With compile=True the one-token step runs under
-    torch.compile (the first step pays the compile time). Run it under torch.inference_mode().
+    (B, T, K) after prefill (padding included). With compile=True the one-token step of a dense
+    model runs under torch.compile (the first step pays the compile time). MoE models always
+    decode eagerly (`self.compiled` is False): their dispatch sizes its buffers by how many tokens
+    each expert got, which breaks the compiled graph at every layer and made decoding ~5x slower
+    than eager. Run it under torch.inference_mode().
     """
 
     def __init__(self, model: GPT, batch_size: int, max_len: int, *, compile: bool = False):
@@ -221,7 +224,8 @@ class Decoder:
         self.cache = StaticKVCache(cfg, batch_size, max_len, dtype=weight.dtype, device=weight.device)
         self.pad_B = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         self.next_slot = 0
-        self._step = compiled_decode_step() if compile else _decode_step
+        self.compiled = compile and not cfg.is_moe
+        self._step = compiled_decode_step() if self.compiled else _decode_step
 
     @property
     def device(self) -> torch.device:

@@ -85,7 +85,7 @@ def run(args) -> dict:
 
     batched = f"batch{args.batch_size}"
     cases = {"batch1": Case(1, compile=args.compile)}
-    if args.compile:
+    if args.compile and not model.config.is_moe:
         cases["batch1_eager"] = Case(1)
     cases["batch1_nocache"] = Case(1, use_cache=False)
     cases[batched] = Case(args.batch_size, compile=args.compile)
@@ -111,7 +111,7 @@ def run(args) -> dict:
         "n_params": model.num_params(),
         "dtype": str(model.tok_emb.weight.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
-        "compile": args.compile,
+        "compile": args.compile and not model.config.is_moe,  # MoE models always decode eagerly
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": n_new,
         "batch_size": args.batch_size,
@@ -121,7 +121,7 @@ def run(args) -> dict:
         f"tokens_per_s_{batched}": tokens_per_s(batched),
         "tokens_per_s_batch1_sampled": tokens_per_s("batch1_sampled"),
     }
-    if args.compile:
+    if args.compile and not model.config.is_moe:
         report["tokens_per_s_batch1_eager"] = tokens_per_s("batch1_eager")
         report["compile_seconds"] = {n: max(0.0, first_call[n] - steady[n]) for n in ("batch1", batched)}
     report["seconds"] = steady
