@@ -224,6 +224,7 @@ class Decoder:
         self.cache = StaticKVCache(cfg, batch_size, max_len, dtype=weight.dtype, device=weight.device)
         self.pad_B = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         self.next_slot = 0
+        self._slot = torch.zeros(1, dtype=torch.long, device=weight.device)  # reused: no tensor built per token
         self.compiled = compile and not cfg.is_moe
         self._step = compiled_decode_step() if self.compiled else _decode_step
 
@@ -254,7 +255,7 @@ class Decoder:
         """Feed one token per row (B,); return the logits (B, V) for the next one and the experts."""
         if self.next_slot >= self.max_len:
             raise ConfigError(f"the cache holds {self.max_len} positions and is full")
-        self.cache.write_slots = torch.tensor([self.next_slot], device=self.device)
+        self.cache.write_slots = self._slot.fill_(self.next_slot)
         logits, experts = self._step(self.model, tokens_B, self.cache, self.pad_B)
         self.next_slot += 1
         return logits, experts
