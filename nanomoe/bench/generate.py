@@ -50,10 +50,9 @@ def load_model(args):
 
 
 def run(args) -> dict:
+    from ..errors import ConfigError
     from ..generation import generate_batch
     from .timing import _cpu_ticks, _foreign_ticks
-
-    from ..errors import ConfigError
 
     for flag in ("new_tokens", "prompt_tokens", "batch_size", "repeats"):
         if getattr(args, flag) < 1:
