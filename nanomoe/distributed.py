@@ -272,6 +272,29 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def unsharded_copy(model, model_config, ctx: DistContext, device: torch.device):
+    """A plain GPT with the full weights of FSDP `model`, on rank 0 (None on the others). Every rank
+    must call it (the weights are gathered). For sampling: the decoder calls blocks' submodules
+    directly, which FSDP's per-block hooks would not see. Needs the full fp32 model on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from .model import GPT, rope_cache
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ctx.is_main:
+        return None
+    with torch.device("meta"):
+        copy = GPT(model_config)
+    if model_config.tie_embeddings:
+        state.setdefault("lm_head.weight", state["tok_emb.weight"])
+    copy.load_state_dict(state, assign=True)  # adopt the gathered tensors, no second allocation
+    if model_config.tie_embeddings:
+        copy.lm_head.weight = copy.tok_emb.weight
+    if model_config.position == "rope":  # derived buffers are not in state dicts
+        copy.rope_cos, copy.rope_sin = rope_cache(model_config)
+    return copy.to(device).eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharded checkpoints (torch.distributed.checkpoint)
 

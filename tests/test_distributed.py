@@ -139,7 +139,14 @@ def test_only_rank_0_writes_logs_plots_and_samples(fsdp_run):
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert (run / "plots" / "loss.png").is_file() and (run / "run.json").is_file()
     assert proc.stdout.count("step 6 | val loss") == 1
-    assert proc.stdout.count("--- story 1 ---") == 1  # every rank sampled (FSDP), rank 0 printed
+    assert proc.stdout.count("--- story 1 ---") == 1  # every rank gathered the weights, rank 0 sampled
+    printed = proc.stdout.split("--- story 1 ---\n", 1)[1].split("\n\nfinal validation loss", 1)[0].strip()
+    final = ckpt.load_checkpoint(run, prefer="latest")  # the same weights, read from the shards
+    ids = final.tokenizer.encode("Once upon a time")
+    out = final.model.generate(torch.tensor([ids]), 8, temperature=0.8, top_k=50, stop_id=final.tokenizer.eot_id,
+                               seed=0)[0, len(ids):].tolist()
+    out = out[: out.index(final.tokenizer.eot_id)] if final.tokenizer.eot_id in out else out
+    assert printed == ("Once upon a time" + final.tokenizer.decode(out)).strip()
     leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
 

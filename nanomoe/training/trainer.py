@@ -504,17 +504,22 @@ class Trainer:
     def sample(self, n: int | None = None, max_new_tokens: int | None = None, prompt: str | None = None,
                seed: int = 0) -> list[str]:
         """A few stories from the current model (temperature 0.8, top-k 50), as text."""
-        from ..distributed import is_fsdp
+        from ..distributed import is_fsdp, unsharded_copy
 
         n = self.cfg.samples if n is None else n
-        if n <= 0 or not (self.dist.is_main or is_fsdp(self.model)):  # FSDP: every rank joins each forward
+        if n <= 0:
+            return []
+        model = self.model
+        if is_fsdp(model):  # every rank helps gather the weights; rank 0 samples from a plain copy
+            model = unsharded_copy(model, self.model_config, self.dist, self.device)
+        if not self.dist.is_main:
             return []
         prompt = self.cfg.sample_prompt if prompt is None else prompt
         ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
         idx = torch.tensor([ids] * n, device=self.device)
         with self.autocast():
-            out = self.model.generate(idx, max_new_tokens or self.cfg.sample_tokens, temperature=0.8, top_k=50,
-                                      stop_id=self.tokenizer.eot_id, seed=seed)
+            out = model.generate(idx, max_new_tokens or self.cfg.sample_tokens, temperature=0.8, top_k=50,
+                                 stop_id=self.tokenizer.eot_id, seed=seed)
         stories = []
         for row in out.tolist():
             new = row[len(ids):]
