@@ -193,7 +193,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialize every parameter and buffer. Also used after building on the meta device."""
+        """(Re)initialize every parameter and buffer. Also used after building on the meta device.
+
+        Walks `named_modules()` once, touching each module's own parameters only when visiting it:
+        distributed.init_sharded_weights relies on that to materialize one module at a time."""
         cfg = self.config
         std = cfg.init_std
         # residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2) so the residual stream's variance
@@ -201,8 +204,10 @@ class GPT(nn.Module):
         resid_std = std / math.sqrt(2 * cfg.n_layer)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                is_residual = name.endswith("attn.proj") or name.endswith("ffn.proj") or name.endswith("shared_expert.proj")
+                is_residual = name.endswith(("attn.proj", "ffn.proj", "shared_expert.proj"))
                 nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_residual else std)
+                if name.endswith("router.noise"):  # Shazeer et al.: the noise std starts at softplus(0)
+                    nn.init.zeros_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -220,8 +225,6 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.b_out)
             elif isinstance(module, Router):
                 module.selection_bias.zero_()
-                if module.noise is not None:
-                    nn.init.zeros_(module.noise.weight)  # Shazeer et al.: start with noise std softplus(0)
         if cfg.position == "rope":
             device = self.tok_emb.weight.device
             cos, sin = rope_cache(cfg, device=None if device.type == "meta" else device)

@@ -147,3 +147,11 @@ def test_bf16_autocast_forward_backward_is_finite_and_close_to_fp32():
     assert abs(out.loss.item() - fp32.item()) < 0.05
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_noisy_router_starts_with_zero_noise_weights_and_zero_selection_bias():
+    model = GPT(get_preset("debug", router="noisy_topk"))
+    for layer in model.moe_layers():
+        assert torch.count_nonzero(layer.router.noise.weight) == 0
+        assert torch.count_nonzero(layer.router.gate.weight) > 0
+        assert torch.count_nonzero(layer.router.selection_bias) == 0
