@@ -149,6 +149,10 @@ class Trainer:
         self.device = resolve_device(train_config.device, self.dist.local_rank)
         if train_config.threads:
             torch.set_num_threads(train_config.threads)
+        if self.device.type == "cpu":
+            from ..malloc import keep_freed_memory
+
+            keep_freed_memory()  # reuse activation memory across steps instead of page-faulting it anew
         if train_config.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision fp16 needs a GPU (it relies on a gradient scaler); use bf16 or fp32 on CPU")
 
