@@ -155,3 +155,37 @@ def test_noisy_router_starts_with_zero_noise_weights_and_zero_selection_bias():
         assert torch.count_nonzero(layer.router.noise.weight) == 0
         assert torch.count_nonzero(layer.router.gate.weight) > 0
         assert torch.count_nonzero(layer.router.selection_bias) == 0
+
+
+@pytest.mark.parametrize("n_head, n_kv_head", [(4, 4), (4, 2), (4, 1)])
+def test_matmul_causal_attention_equals_sdpa_with_gradients(n_head, n_kv_head):
+    from nanomoe.model import causal_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, n_head, 17, 8, requires_grad=True)
+    k = torch.randn(2, n_kv_head, 17, 8, requires_grad=True)
+    v = torch.randn(2, n_kv_head, 17, 8, requires_grad=True)
+    g = torch.randn(2, n_head, 17, 8)
+    ours = causal_attention(q, k, v)
+    ours.backward(g)
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_head != n_head)
+    ref.backward(g)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    for mine, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(mine, t.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_long_sequences_use_sdpa_and_agree_with_the_matmul_path(monkeypatch):
+    import nanomoe.model as model_module
+
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug")).eval()
+    idx = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        matmul = model(idx).logits
+        monkeypatch.setattr(model_module, "MATMUL_ATTENTION_MAX_T", 8)  # force the SDPA path
+        sdpa = model(idx).logits
+    torch.testing.assert_close(matmul, sdpa, atol=1e-5, rtol=0)
