@@ -125,7 +125,7 @@ class TrainConfig:
 
 # Named training recipes. "default" trains tiny-moe on the built-in corpus in a few CPU minutes.
 RECIPES: dict[str, dict[str, Any]] = {
-    "default": dict(max_steps=600, batch_size=16, grad_accum=1, lr=3e-3, eval_every=200, save_every=200),
+    "default": dict(max_steps=500, batch_size=16, grad_accum=1, lr=3e-3, eval_every=250, save_every=250),
     # The first seed's recipe: batch 32 x accumulation 2, AdamW lr 1e-3 with OneCycleLR, mixed precision,
     # gradient checkpointing, one padded story per row, evaluation and a checkpoint every epoch, best kept.
     "seed": dict(
