@@ -285,8 +285,7 @@ def unsharded_copy(model, model_config, ctx: DistContext, device: torch.device):
         return None
     with torch.device("meta"):
         copy = GPT(model_config)
-    if model_config.tie_embeddings:
-        state.setdefault("lm_head.weight", state["tok_emb.weight"])
+    state = _ckpt().retie_after_load(state, model_config)
     copy.load_state_dict(state, assign=True)  # adopt the gathered tensors, no second allocation
     if model_config.tie_embeddings:
         copy.lm_head.weight = copy.tok_emb.weight
@@ -405,9 +404,7 @@ def _load_full_into_sharded(model, optimizer, ckpt_dir: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     ck = _ckpt()
-    state = load_file(str(ckpt_dir / "model.safetensors"), device="cpu")
-    if model.config.tie_embeddings and "lm_head.weight" not in state and "tok_emb.weight" in state:
-        state["lm_head.weight"] = state["tok_emb.weight"]
+    state = ck.retie_after_load(load_file(str(ckpt_dir / "model.safetensors"), device="cpu"), model.config)
     ck.check_weights({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, ckpt_dir)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state, options=options)
@@ -436,9 +433,9 @@ def read_sharded_model_state(ckpt_dir: str | Path, model_config) -> dict[str, to
         raise CheckpointError(f"{ckpt_dir} has no sharded weights ({sharded_dir}/.metadata is missing)")
     with torch.device("meta"):
         template = GPT(model_config)
-    state = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in template.state_dict().items()}
-    if model_config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    state = _ckpt().untie_for_save(
+        {k: torch.empty(v.shape, dtype=v.dtype) for k, v in template.state_dict().items()}, model_config
+    )
     try:
         with _single_process_dcp_is_intended():
             dcp.load({"model": state}, checkpoint_id=sharded_dir, no_dist=True)

@@ -50,19 +50,28 @@ class ExpertPlan:
 
 
 def make_plan(
-    expert_indices_NK: torch.Tensor, n_experts: int, capacity: int | None, row_multiple: int = 1
+    expert_indices_NK: torch.Tensor,
+    n_experts: int,
+    capacity: int | None,
+    row_multiple: int = 1,
+    valid_N: torch.Tensor | None = None,
 ) -> ExpertPlan:
     """Sort the N*K assignments by expert; with a capacity, keep the first `capacity` of each expert.
 
     The flat order is k-major (all first choices, then all second choices) so the stable sort puts
     first choices ahead within each expert and capacity drops second choices first (GShard); within
     a rank, earlier tokens win. Each expert's block is padded to a multiple of `row_multiple` rows.
+    Tokens with valid_N False (padding) are dropped: no expert computes them and they take no capacity.
     """
     N, K = expert_indices_NK.shape
     device = expert_indices_NK.device
     flat_expert = expert_indices_NK.t().reshape(-1)  # (K*N,)
+    if valid_N is not None:  # padding goes to a sentinel expert that sorts last and is cut off
+        flat_expert = torch.where(valid_N.repeat(K), flat_expert, n_experts)
     order = torch.argsort(flat_expert, stable=True)
-    counts_E = torch.bincount(flat_expert, minlength=n_experts)
+    counts_E = torch.bincount(flat_expert, minlength=n_experts + 1)[:n_experts]
+    if valid_N is not None:
+        order = order[: int(counts_E.sum())]
     if capacity is not None:
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         rank_in_expert = torch.arange(order.numel(), device=device) - starts_E.repeat_interleave(counts_E)

@@ -185,11 +185,11 @@ class Block(nn.Module):
             self.ffn = FeedForward(config.n_embd, config.ffn_hidden, config.ffn, config.bias)
         self.ffn_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0, attn_mask=None):
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0, attn_mask=None, valid=None):
         x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, attn_mask)
         stats = None
         if self.is_moe:
-            h, stats = self.ffn(self.ffn_norm(x))
+            h, stats = self.ffn(self.ffn_norm(x), valid)
         else:
             h = self.ffn(self.ffn_norm(x))
         x = x + self.ffn_dropout(h)
@@ -295,9 +295,18 @@ class GPT(nn.Module):
             rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
         x = self.emb_dropout(x)
 
+        # Trailing positions whose targets are all IGNORE_INDEX are padding (documents are padded on
+        # the right) and, attention being causal, can never affect a real position: MoE layers route
+        # only the other tokens. (Ignored targets before a real one, e.g. a masked prompt, stay routed.)
+        valid = None
+        if targets is not None and self.config.is_moe:
+            has_target = (targets != IGNORE_INDEX).to(torch.int8)
+            valid = has_target.flip(-1).cummax(dim=-1).values.flip(-1).bool()  # a real target at or after t
+            if bool(valid.all()):
+                valid = None
         moe_stats: list[MoEStats] = []
         for block in self.blocks:
-            x, stats = block(x, rope, kv_cache, start_pos, attn_mask)
+            x, stats = block(x, rope, kv_cache, start_pos, attn_mask, valid)
             if stats is not None:
                 moe_stats.append(stats)
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)

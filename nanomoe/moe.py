@@ -67,6 +67,8 @@ def load_balance_loss(router_probs_NE: torch.Tensor, expert_indices_NK: torch.Te
     with imbalance; gradients flow through P only (f is a count).
     """
     n_experts = router_probs_NE.shape[-1]
+    if expert_indices_NK.numel() == 0:  # no real tokens (an all-padding batch)
+        return router_probs_NE.sum() * 0.0
     counts_E = torch.bincount(expert_indices_NK.reshape(-1), minlength=n_experts)
     f_E = counts_E.to(router_probs_NE.dtype) / expert_indices_NK.numel()
     p_E = router_probs_NE.mean(dim=0)
@@ -78,6 +80,8 @@ def router_z_loss(router_logits_NE: torch.Tensor) -> torch.Tensor:
 
     Penalizes large router logits, which make the fp32 softmax (and bf16 training) unstable.
     """
+    if router_logits_NE.shape[0] == 0:
+        return router_logits_NE.sum() * 0.0
     return torch.logsumexp(router_logits_NE, dim=-1).pow(2).mean()
 
 
@@ -209,27 +213,33 @@ class MoEFeedForward(nn.Module):
         self.experts = GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden, config.ffn, config.bias)
         self.shared_expert = shared_expert  # DeepSeekMoE: a dense FFN every token goes through
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """valid_BT: False at padding positions, which get no expert, take no capacity and count in
+        no balancing loss or load statistic (their output is never read). None: all tokens are real."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
+        valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
         routing = self.router(x_ND)
+        n_real = B * T if valid_N is None else int(valid_N.sum())
+        # Capacity limits bind only in training: at inference every token gets its experts, so an
+        # output never depends on what else is in the batch (Mixtral and the HF export assume this).
+        capacity = expert_capacity(n_real, self.top_k, self.n_experts, self.capacity_factor) if self.training else None
         out_ND, n_kept = dispatch_and_combine(
-            x_ND,
-            routing.expert_indices_NK,
-            routing.expert_weights_NK,
-            self.experts,
-            expert_capacity(B * T, self.top_k, self.n_experts, self.capacity_factor),
+            x_ND, routing.expert_indices_NK, routing.expert_weights_NK, self.experts, capacity, valid_N
         )
         if self.shared_expert is not None:
             out_ND = out_ND + self.shared_expert(x_ND)
-        n_assignments = routing.expert_indices_NK.numel()
+        probs_NE, logits_NE, indices_NK = routing.router_probs_NE, routing.router_logits_NE, routing.expert_indices_NK
+        if valid_N is not None:
+            probs_NE, logits_NE, indices_NK = probs_NE[valid_N], logits_NE[valid_N], indices_NK[valid_N]
+        n_assignments = indices_NK.numel()
         stats = MoEStats(
-            load_balance_loss=load_balance_loss(routing.router_probs_NE, routing.expert_indices_NK),
-            z_loss=router_z_loss(routing.router_logits_NE),
-            tokens_per_expert=torch.bincount(routing.expert_indices_NK.reshape(-1), minlength=self.n_experts),
+            load_balance_loss=load_balance_loss(probs_NE, indices_NK),
+            z_loss=router_z_loss(logits_NE),
+            tokens_per_expert=torch.bincount(indices_NK.reshape(-1), minlength=self.n_experts),
             router_probs=routing.router_probs_NE,
             expert_indices=routing.expert_indices_NK,
-            dropped_fraction=torch.tensor((n_assignments - n_kept) / n_assignments, device=x_BTD.device),
+            dropped_fraction=torch.tensor((n_assignments - n_kept) / max(n_assignments, 1), device=x_BTD.device),
         )
         return out_ND.reshape(B, T, D), stats
 
@@ -244,6 +254,7 @@ def dispatch_and_combine(
     expert_weights_NK: torch.Tensor,
     experts: GroupedExperts,
     capacity: int | None,
+    valid_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sort assignments by expert, run each expert on its contiguous block, gather back weighted.
 
@@ -253,12 +264,12 @@ def dispatch_and_combine(
     connection carries the token through unchanged).
     """
     row_multiple = row_multiple_for(x_ND.device, compute_dtype(x_ND, experts.w_in))
-    plan = make_plan(expert_indices_NK, experts.w_in.shape[0], capacity, row_multiple)
+    plan = make_plan(expert_indices_NK, experts.w_in.shape[0], capacity, row_multiple, valid_N)
     out_ND = experts(x_ND, expert_weights_NK.t(), plan)
     return out_ND, plan.n_kept
 
 
-def moe_forward_reference(layer: MoEFeedForward, x_BTD: torch.Tensor) -> torch.Tensor:
+def moe_forward_reference(layer: MoEFeedForward, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Plain per-expert loop with boolean masks: slow, obviously correct; tests pin the fast path to it.
 
     Routing is recomputed by `layer.router`, so call both paths in eval mode (or with the same RNG
@@ -267,11 +278,15 @@ def moe_forward_reference(layer: MoEFeedForward, x_BTD: torch.Tensor) -> torch.T
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D)
     routing = layer.router(x_ND)
-    capacity = expert_capacity(B * T, layer.top_k, layer.n_experts, layer.capacity_factor)
+    real_N = torch.ones(B * T, dtype=torch.bool) if valid_BT is None else valid_BT.reshape(-1).cpu()
+    capacity = None
+    if layer.training:
+        capacity = expert_capacity(int(real_N.sum()), layer.top_k, layer.n_experts, layer.capacity_factor)
     out_ND = torch.zeros_like(x_ND)
     for e in range(layer.n_experts):
         # (token, k) pairs routed to e, first choices before second choices, as in the fast path
-        pairs = [(n, k) for k in range(layer.top_k) for n in torch.nonzero(routing.expert_indices_NK[:, k] == e).flatten().tolist()]
+        chosen = routing.expert_indices_NK.cpu() == e
+        pairs = [(n, k) for k in range(layer.top_k) for n in torch.nonzero(chosen[:, k] & real_N).flatten().tolist()]
         if capacity is not None:
             pairs = pairs[:capacity]
         if not pairs:

@@ -189,3 +189,25 @@ def test_long_sequences_use_sdpa_and_agree_with_the_matmul_path(monkeypatch):
         monkeypatch.setattr(model_module, "MATMUL_ATTENTION_MAX_T", 8)  # force the SDPA path
         sdpa = model(idx).logits
     torch.testing.assert_close(matmul, sdpa, atol=1e-5, rtol=0)
+
+
+def test_moe_routes_only_real_tokens_of_right_padded_rows():
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug", aux_loss_coef=0.5, z_loss_coef=0.5)).eval()
+    idx = torch.randint(0, 512, (1, 20))
+    targets = idx.roll(-1, dims=1)
+    padded_targets = targets.clone()
+    padded_targets[:, 12:] = IGNORE_INDEX  # positions 12.. are padding
+    with torch.no_grad():
+        padded = model(idx, padded_targets)
+        alone = model(idx[:, :12], targets[:, :12])
+    torch.testing.assert_close(padded.loss, alone.loss)
+    torch.testing.assert_close(padded.aux_loss, alone.aux_loss)  # balancing terms see real tokens only
+    for a, b in zip(padded.moe, alone.moe):
+        assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
+    # ignored targets *before* a real one (a masked prompt) do not make tokens padding
+    masked_prompt = targets.clone()
+    masked_prompt[:, :5] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(idx, masked_prompt)
+    assert sum(int(s.tokens_per_expert.sum()) for s in out.moe) == 20 * 2 * len(out.moe)

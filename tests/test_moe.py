@@ -342,3 +342,33 @@ def test_expert_weights_stay_plain_parameters():
     names = {name: type(p) for name, p in experts.named_parameters()}
     assert names == {"w_in": torch.nn.Parameter, "w_out": torch.nn.Parameter, "b_in": torch.nn.Parameter, "b_out": torch.nn.Parameter}
     assert experts.w_in.shape == (4, 64, 256) and experts.w_out.shape == (4, 128, 64)
+
+
+def test_padding_tokens_get_no_expert_and_count_in_no_statistic():
+    layer = make_layer(top_k=2)
+    layer.train()
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, 7:] = False  # row 0 is padded after 7 real tokens
+    out, stats = layer(x, valid)
+    real_out, real_stats = layer(torch.cat([x[0, :7], x[1]]).unsqueeze(0))
+    # real tokens: same output and same statistics as a batch holding only the real tokens
+    torch.testing.assert_close(out[0, :7], real_out[0, :7], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1], real_out[0, 7:], atol=1e-6, rtol=0)
+    assert torch.equal(stats.tokens_per_expert, real_stats.tokens_per_expert)
+    assert stats.tokens_per_expert.sum() == 19 * 2
+    torch.testing.assert_close(stats.load_balance_loss, real_stats.load_balance_loss)
+    torch.testing.assert_close(stats.z_loss, real_stats.z_loss)
+    assert torch.count_nonzero(out[0, 7:]) == 0  # padding computed by no expert
+    torch.testing.assert_close(out, moe_forward_reference(layer, x, valid), atol=1e-5, rtol=0)
+
+
+def test_capacity_limits_only_training():
+    layer = make_layer(capacity_factor=0.25)
+    x = torch.randn(2, 32, 64)
+    layer.train()
+    assert layer(x)[1].dropped_fraction.item() > 0
+    layer.eval()  # inference is dropless: an output never depends on the rest of the batch
+    out, stats = layer(x)
+    assert stats.dropped_fraction.item() == 0.0
+    torch.testing.assert_close(out[:1], layer(x[:1])[0], atol=1e-6, rtol=0)

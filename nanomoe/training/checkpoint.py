@@ -118,7 +118,7 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-            tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+            tensors = {k: v.detach().contiguous().cpu() for k, v in untie_for_save(model_state, model_config).items()}
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "nanomoe": str(CHECKPOINT_FORMAT)})
             if optimizer_state is not None:
                 torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -126,16 +126,51 @@ def save_checkpoint(
                                    train_config=train_config, tokenizer_json=tokenizer_json, data_meta=data_meta)
             publish_checkpoint(tmp, final)
         update_pointers(run_dir, final, pointers, trainer_state.get("step"))
-    except OSError as e:
+    except Exception as e:  # OSError, and torch's / safetensors' own errors on a full disk
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "no space left on device" if e.errno == errno.ENOSPC else str(e)
+        out_of_space = getattr(e, "errno", None) == errno.ENOSPC or _disk_is_full(root)
+        reason = "no space left on device" if out_of_space else f"{type(e).__name__}: {e}"
         previous = ", ".join(f"{p}.json" for p in ("latest", "best") if (run_dir / f"{p}.json").exists())
         raise CheckpointError(
             f"could not write checkpoint {final}: {reason}. "
             + (f"The previous checkpoints ({previous}) are intact. " if previous else "")
             + "Free some space or pass another --out."
-        ) from None
+        ) from e
     return final
+
+
+def _disk_is_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < 1024 * 1024
+    except OSError:
+        return False
+
+
+def untie_for_save(state: dict[str, torch.Tensor], model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Drop the LM head when it is the token embedding (safetensors refuses shared tensors);
+    `retie_after_load` puts it back."""
+    if model_config.tie_embeddings:
+        return {k: v for k, v in state.items() if k != "lm_head.weight"}
+    return state
+
+
+def retie_after_load(state: dict[str, torch.Tensor], model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    if model_config.tie_embeddings and "lm_head.weight" not in state and "tok_emb.weight" in state:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+def unique_checkpoint_name(run_dir: str | Path, name: str, written: set[str]) -> str:
+    """`name`, unless a checkpoint of that name exists that this process did not write (a run
+    resumed from an earlier step into a directory holding a later, abandoned branch): then
+    `name-2`, `name-3`, ... so the old checkpoint is neither reused nor overwritten."""
+    root = Path(run_dir) / "checkpoints"
+    if name in written or not (root / name).exists():
+        return name
+    k = 2
+    while (root / f"{name}-{k}").exists() and f"{name}-{k}" not in written:
+        k += 1
+    return f"{name}-{k}"
 
 
 def write_checkpoint_files(
@@ -280,8 +315,7 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
         state = read_sharded_model_state(ckpt_dir, model.config)  # an FSDP checkpoint, read in this process
     else:
         state = load_file(str(Path(ckpt_dir) / "model.safetensors"), device="cpu")
-    if model.config.tie_embeddings and "lm_head.weight" not in state and "tok_emb.weight" in state:
-        state["lm_head.weight"] = state["tok_emb.weight"]
+    state = retie_after_load(state, model.config)
     check_weights({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, ckpt_dir)
     model.load_state_dict(state, strict=True)
 

@@ -219,6 +219,7 @@ class Trainer:
         self.autocast = lambda: autocast_context(train_config.precision, self.device)
         self.flops_per_token = flops_per_token(model_config, self.seq_len)["train"]
         self.state = TrainState()
+        self._written: set[str] = set()  # checkpoint names saved by this process
         # per-rank RNG stream for dropout and noisy gating
         torch.manual_seed(train_config.seed + 1_000_003 * self.dist.rank)
 
@@ -259,7 +260,9 @@ class Trainer:
         """Save the current state as `latest` (and `best`); prune old periodic checkpoints."""
         from ..distributed import save_sharded_checkpoint_if_needed
 
-        name = name or ckpt.checkpoint_name(self.state.step)
+        # never reuse a checkpoint this run did not write (e.g. a later step of an abandoned branch)
+        name = ckpt.unique_checkpoint_name(self.run_dir, name or ckpt.checkpoint_name(self.state.step), self._written)
+        self._written.add(name)
         pointers = {"latest": {}}
         if best:
             pointers["best"] = {"val_loss": self.state.best_val_loss}
@@ -360,6 +363,8 @@ class Trainer:
             loads = [s.tokens_per_expert.detach().cpu().double() for s in out.moe]
             routing_loads = loads if routing_loads is None else [a + b for a, b in zip(routing_loads, loads)]
 
+        if self.dist.enabled:  # every rank must take the same branch: both hold collectives
+            finite = self.dist.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0
         grad_norm = None
         if finite:
             from ..distributed import full_value
