@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "moe": dict(),  # debug: rope, rmsnorm, swiglu, top-2 MoE
     "classic": dict(position="learned", norm="layernorm", ffn="relu", bias=True, router="noisy_topk"),
     "gqa-switch": dict(ffn="gelu", router="switch", top_k=1, n_kv_head=2, n_shared_experts=1, moe_every=2),
+    "capacity": dict(capacity_factor=0.5),
     "dense": dict(n_experts=0),
 }
 

@@ -10,6 +10,7 @@ ARCHITECTURES = [
     dict(),  # debug: rope, rmsnorm, swiglu, topk MoE
     dict(position="learned", norm="layernorm", ffn="relu", bias=True, router="noisy_topk"),
     dict(ffn="gelu", router="switch", top_k=1, n_kv_head=2, n_shared_experts=1, moe_every=2),
+    dict(capacity_factor=0.5),  # token dropping in training; inference stays dropless and exact
     dict(n_experts=0),
 ]
 

@@ -305,3 +305,49 @@ def test_cli_bad_data_dir_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path), "--max-steps", "1"])
     assert code == 1
     assert "nanomoe prepare" in capsys.readouterr().err
+
+
+def test_tied_embeddings_train_save_and_resume(data_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = quiet(max_steps=4)
+    first = Trainer(tiny_model(tie_embeddings=True), cfg, run, data_dir)
+    first.fit(stop_at_step=2)
+    loaded = ckpt.load_checkpoint(run, prefer="latest")
+    assert loaded.model.lm_head.weight is loaded.model.tok_emb.weight
+    second = Trainer(tiny_model(tie_embeddings=True), cfg, run, data_dir, resume_from=run)
+    second.fit()
+    assert second.model.lm_head.weight is second.model.tok_emb.weight
+    assert ckpt.load_checkpoint(run, prefer="latest").step == 4
+
+
+def test_resuming_an_earlier_step_never_reuses_the_abandoned_branch(data_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = quiet(max_steps=6, save_every=2, keep_last=10)
+    Trainer(tiny_model(), cfg, run, data_dir).fit()
+    abandoned = {p.name: (p / "model.safetensors").read_bytes() for p in (run / "checkpoints").iterdir()}
+    # go back to step 2 and continue with another learning rate
+    branch = Trainer(tiny_model(), cfg.replace(lr=1e-2), run, data_dir, resume_from=run / "checkpoints" / "step-00000002")
+    branch.fit()
+    latest = ckpt.resolve_checkpoint(run, prefer="latest")
+    assert latest.name == "step-00000006-2"
+    saved = ckpt.load_checkpoint(latest).model.state_dict()
+    for name, value in branch.model.state_dict().items():
+        assert torch.equal(saved[name], value), name
+    for name, content in abandoned.items():  # the old branch is untouched
+        assert (run / "checkpoints" / name / "model.safetensors").read_bytes() == content
+
+
+def test_any_error_while_saving_is_a_clear_error_and_leaves_nothing(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_model(), quiet(max_steps=1), run, data_dir)
+    trainer.fit()
+    trainer.state.step = 2
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*previous checkpoints .* are intact"):
+        trainer.save()
+    assert not any(d.name.startswith(".tmp-") for d in (run / "checkpoints").iterdir())
+    assert ckpt.load_checkpoint(run, prefer="latest").step == 1
