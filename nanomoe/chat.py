@@ -178,7 +178,7 @@ class ChatSession:
     # -- a story -------------------------------------------------------------------------------
 
     def tell_story(self, prompt: str) -> None:
-        from .generation import Decoder, stream_text
+        from .generation import Decoder, random_seed, stream_text
 
         s = self.settings
         prompt_ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
@@ -196,7 +196,7 @@ class ChatSession:
         gen = stream_text(
             self.model, self.tokenizer, [prompt_ids], s.max_new_tokens, stop_strings=s.stop_strings,
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-            seed=s.seed, compile=self.compile, decoder=self.decoder,
+            seed=s.seed if s.seed is not None else random_seed(), compile=self.compile, decoder=self.decoder,
         )
         try:
             for step in gen:

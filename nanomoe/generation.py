@@ -19,6 +19,8 @@ K experts per token.
 
 from __future__ import annotations
 
+import os
+
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +34,12 @@ from .model import GPT, apply_rope
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
+
+
+def random_seed() -> int:
+    """A fresh seed from the OS: what "no seed" means on the command line (torch's global generator
+    starts from the same state in every new process, so every run would tell the same story)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

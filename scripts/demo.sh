@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/nanomoe train "$@"
+exec "${NANOMOE_VENV:-.venv}/bin/nanomoe" train "$@"

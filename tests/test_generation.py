@@ -297,3 +297,23 @@ def test_bench_generate_json_has_the_headline_keys(capsys):
     for key in ("tokens_per_s_batch1", "tokens_per_s_batch1_nocache", "tokens_per_s_batch3"):
         assert report[key] > 0, key
     assert report["new_tokens"] == 6 and report["batch_size"] == 3
+
+
+def test_cli_without_a_seed_tells_a_different_story_each_run_and_reports_its_seed(run_dir, monkeypatch, capsys):
+    """torch's global generator starts from the same state in every process: the CLI must not rely on it."""
+    import json
+
+    import nanomoe.generation as generation
+    from nanomoe.cli import main
+
+    run = run_dir
+    seeds = iter([11, 22])
+    monkeypatch.setattr(generation, "random_seed", lambda: next(seeds))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # as in a fresh process
+        assert main(["generate", "--checkpoint", str(run), "--max-new-tokens", "30", "--temperature", "1.0",
+                     "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert [o["seed"] for o in outs] == [11, 22]
+    assert outs[0]["samples"][0]["text"] != outs[1]["samples"][0]["text"]

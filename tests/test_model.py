@@ -127,11 +127,12 @@ def test_meta_device_build_then_materialize_matches_a_normal_build():
     meta_model.to_empty(device="cpu")
     torch.manual_seed(0)
     meta_model.init_weights()
-    torch.manual_seed(0)
     normal = GPT(cfg)
-    # same init distribution, same RNG: same numbers; rope tables rebuilt
+    torch.manual_seed(0)
+    normal.init_weights()  # init_weights alone sets every value: same RNG state, same numbers
     for (n1, p1), (n2, p2) in zip(meta_model.named_parameters(), normal.named_parameters()):
         assert n1 == n2
+        assert torch.equal(p1, p2), n1
     torch.testing.assert_close(meta_model.rope_cos, normal.rope_cos)
     idx = torch.randint(0, 512, (1, 8))
     assert torch.isfinite(meta_model(idx).logits).all()

@@ -193,7 +193,6 @@ def test_debug_preset_learns_on_the_builtin_corpus(data_dir, tmp_path):
 
 def test_nan_loss_skips_steps_then_stops_with_a_clear_message(data_dir, tmp_path):
     trainer = Trainer(tiny_model(), quiet(max_steps=20, max_bad_steps=3), tmp_path / "r", data_dir)
-    trainer.fit_steps = 0
     original = trainer.train_model.forward
 
     def poisoned(*args, **kwargs):
@@ -222,8 +221,13 @@ def test_one_nan_step_is_skipped_and_training_continues(data_dir, tmp_path):
         return out
 
     trainer.train_model.forward = once
+    skipped = []
+    original_step = trainer.train_step
+    trainer.train_step = lambda: (lambda m: skipped.append(m is None) or m)(original_step())
     result = trainer.fit()
     assert result["step"] == 5 and trainer.state.bad_steps == 0
+    assert skipped == [False, True, False, False, False]  # exactly the poisoned step was skipped
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
@@ -351,3 +355,27 @@ def test_any_error_while_saving_is_a_clear_error_and_leaves_nothing(data_dir, tm
         trainer.save()
     assert not any(d.name.startswith(".tmp-") for d in (run / "checkpoints").iterdir())
     assert ckpt.load_checkpoint(run, prefer="latest").step == 1
+
+
+def test_activation_checkpointing_replays_dropout_and_noisy_gating_exactly():
+    from nanomoe.model import GPT
+    from nanomoe.training.trainer import apply_activation_checkpointing
+
+    cfg = tiny_model(router="noisy_topk", dropout=0.2)
+    idx = torch.randint(0, 512, (2, 16))
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        model = GPT(cfg).train()
+        if checkpointed:
+            apply_activation_checkpointing(model)
+        torch.manual_seed(1)
+        out = model(idx, idx)
+        (out.loss + out.aux_loss).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in plain.items() if "router.noise" in n)  # the noise path trained

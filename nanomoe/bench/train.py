@@ -47,6 +47,9 @@ def make_trainer(preset: str, args, data_dir, run_dir):
 
 def run(args) -> dict:
     from ..data import builtin_corpus_dir
+    from ..malloc import keep_freed_memory
+
+    keep_freed_memory()  # as `nanomoe train` does
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -39,8 +39,11 @@ def _worker(opts) -> None:
     from ..training.config import TrainConfig
     from ..training.trainer import Trainer, resolve_device
 
+    from ..malloc import keep_freed_memory
+
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    keep_freed_memory()  # as `nanomoe train` does
     data_dir = builtin_corpus_dir()
     model_cfg = resolve_model_config(opts.preset, None, opts.set or [])
     model_cfg = model_cfg.replace(vocab_size=int(read_meta(data_dir)["vocab_size"]))

@@ -24,7 +24,7 @@ def cmd_consolidate(args) -> int:
     Examples:
       nanomoe checkpoint consolidate runs/moe-3b                  # its best (else latest) checkpoint
       nanomoe checkpoint consolidate runs/moe-3b/checkpoints/step-00020000 --out moe-3b-final --dtype bf16
-      nanomoe generate moe-3b-final --prompt "Once upon a time"
+      nanomoe generate --checkpoint moe-3b-final --prompt "Once upon a time"
     """
     import torch
 
@@ -45,7 +45,7 @@ def cmd_consolidate(args) -> int:
     written = consolidate_checkpoint(ckpt_dir, args.out, dtype=dtype)
     size = (written / "model.safetensors").stat().st_size
     print(f"wrote {written / 'model.safetensors'} ({size / 1024**2:.1f} MiB, {args.dtype}); "
-          f"sample with: nanomoe generate {written}")
+          f"sample with: nanomoe generate --checkpoint {written}")
     return 0
 
 

@@ -70,8 +70,11 @@ def sampling_options(args) -> dict:
     top_k = args.top_k or None
     top_p = None if args.top_p in (None, 1.0) else args.top_p
     check_sampling(args.temperature, top_k, top_p, args.repetition_penalty)
+    from ..generation import random_seed
+
+    seed = args.seed if args.seed is not None else random_seed()  # reported with --json: rerun a story
     return dict(temperature=args.temperature, top_k=top_k, top_p=top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+                repetition_penalty=args.repetition_penalty, seed=seed)
 
 
 def cmd_generate(args) -> int:
@@ -130,7 +133,8 @@ def cmd_generate(args) -> int:
     if args.json:
         samples = [dict(prompt=p, text=t, new_tokens=n, stop_reason=r)
                    for p, t, n, r in zip(rows, texts, n_new, stop_reason)]
-        print(json.dumps(dict(checkpoint=str(ckpt.path), samples=samples, seconds=seconds, tokens_per_s=rate,
+        print(json.dumps(dict(checkpoint=str(ckpt.path), samples=samples, seed=options["seed"], seconds=seconds,
+                              tokens_per_s=rate,
                               settings=dict(options, max_new_tokens=args.max_new_tokens, stop=args.stop)), indent=2))
         return 0
     if streaming:

@@ -84,6 +84,11 @@ def cmd_train(args) -> int:
         explicit["progress"] = False
 
     if args.resume is not None:
+        ignored = [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
+                                            ("--recipe", args.recipe)) if value]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} cannot be combined with --resume: a resumed run keeps its saved "
+                              "configs; change training fields with --set key=value or --max-steps")
         run_or_ckpt = Path(args.resume if args.resume != "latest" else (args.out or ""))
         if not str(run_or_ckpt):
             raise ConfigError("--resume needs a run dir: --resume RUN (or --out RUN --resume)")
@@ -113,14 +118,21 @@ def cmd_train(args) -> int:
             model_cfg = model_cfg.replace(vocab_size=int(read_meta(data_dir)["vocab_size"]))
         name = preset or Path(args.config).stem
         run_dir = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (run_dir / "latest.json").exists():
+        if (run_dir / "latest.json").exists() or any(
+            ckpt.is_complete(d) for d in (run_dir / "checkpoints").glob("*") if d.is_dir()
+        ):
             raise ConfigError(
                 f"{run_dir} already holds a training run; continue it with --resume {run_dir}, or pass another --out"
             )
         resume_from = None
     assert isinstance(model_cfg, ModelConfig)
 
-    ctx = DistContext.from_env(resolve_device(train_cfg.device).type)
+    device_type = resolve_device(train_cfg.device).type
+    if device_type == "cpu":
+        from ..malloc import keep_freed_memory
+
+        keep_freed_memory()  # reuse activation memory across steps instead of page-faulting it anew
+    ctx = DistContext.from_env(device_type)
     try:
         if ctx.is_main:
             _check_writable(run_dir)

@@ -117,8 +117,18 @@ class MetricsLogger:
             "threads": torch.get_num_threads(),
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
+        from .checkpoint import write_json_atomic
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        path = self.run_dir / "run.json"
+        if path.is_file():  # a resumed run: keep how it started, record each restart
+            try:
+                started = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                started = {}
+            started.setdefault("resumed", []).append(info)
+            info = started
+        write_json_atomic(path, info)
         log.info("model: %.2fM parameters (%.2fM active per token); %d steps; run dir %s",
                  counts.total / 1e6, counts.active / 1e6, total_steps, self.run_dir)
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..errors import ConfigError, DataError, NanoMoEError
-from ..evaluation import RoutingAccumulator, bytes_per_token, evaluate
+from ..errors import ConfigError, NanoMoEError
+from ..evaluation import bytes_per_token, evaluate
 from ..model import GPT, IGNORE_INDEX
 from ..params import flops_per_token
 from . import checkpoint as ckpt
@@ -149,10 +149,6 @@ class Trainer:
         self.device = resolve_device(train_config.device, self.dist.local_rank)
         if train_config.threads:
             torch.set_num_threads(train_config.threads)
-        if self.device.type == "cpu":
-            from ..malloc import keep_freed_memory
-
-            keep_freed_memory()  # reuse activation memory across steps instead of page-faulting it anew
         if train_config.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision fp16 needs a GPU (it relies on a gradient scaler); use bf16 or fp32 on CPU")
 
@@ -252,7 +248,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "loader": self.train_loader.state_dict(),
             "last_eval": s.last_eval,
-            "data_dir": str(self.data_dir),
+            "data_dir": str(self.data_dir.resolve()),  # absolute: resume works from any directory
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
 
@@ -427,14 +423,14 @@ class Trainer:
         progress = self.logger.progress(self.total_steps, state.step, enabled=cfg.progress and self.dist.is_main)
         eval_every = cfg.eval_every or self.steps_per_epoch
         window = {"loss": 0.0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
-        stopped_by_signal = False
+        paused = False
         with StopRequest() as stop:
             while state.step < self.total_steps:
                 requested = stop.requested
                 if self.dist.enabled:  # a signal reaches ranks at different steps: stop together or hang
                     requested = bool(self.dist.all_reduce_sum(torch.tensor([float(requested)])).item())
                 if requested or (stop_at_step is not None and state.step >= stop_at_step):
-                    stopped_by_signal = True
+                    paused = True
                     break
                 t0 = time.perf_counter()
                 metrics = self.train_step()
@@ -485,13 +481,13 @@ class Trainer:
                     self.save()
         progress.close()
 
-        if stopped_by_signal:
+        if paused:
             self.save()
             log.warning("stopped by %s at step %d; resume with --resume %s", stop.signal_name or "request",
                         state.step, self.run_dir)
         elif state.last_eval.get("step") != state.step:
             self._eval_and_save(None)
-        result = {"step": state.step, "stopped": stopped_by_signal, "run_dir": str(self.run_dir),
+        result = {"step": state.step, "stopped": paused, "run_dir": str(self.run_dir),
                   "best_val_loss": state.best_val_loss, "last_eval": state.last_eval}
         if self.dist.is_main:
             self.logger.finish(make_plots=self.cfg.plots)
@@ -555,11 +551,3 @@ def _keep_global_batch(train_config: TrainConfig, resume_from, world_size: int) 
     log.info("resuming a run saved on %d process(es) on %d: keeping its global batch of %d sequences per step",
              saved_world, world_size, global_batch)
     return train_config.replace(global_batch_size=global_batch)
-
-
-def check_data_dir(path: Path) -> None:
-    if not (path / "meta.json").is_file():
-        raise DataError(
-            f"{path} is not a prepared data dir (no meta.json). Prepare it first: "
-            f"nanomoe prepare --source {path} --out {path}-prepared"
-        )
