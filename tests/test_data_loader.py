@@ -189,3 +189,15 @@ def test_bad_loader_arguments_and_data_are_reported(data_dir, tmp_path):
         BatchLoader(data_dir, "val", 4, n_val)
     with pytest.raises(DataError, match="no meta.json"):
         BatchLoader(tmp_path, "train", 4, T)
+
+
+def test_document_batches_are_as_wide_as_their_longest_row(data_dir):
+    block = 1024
+    loader = BatchLoader(data_dir, "val", 4, block, mode="documents", seed=0)
+    for _ in range(5):
+        x, y = loader.next_batch()
+        longest = int((y != IGNORE_INDEX).sum(dim=1).max())
+        assert x.shape == y.shape and (x.shape[1] % 64 == 0 or x.shape[1] == block)
+        assert longest <= x.shape[1] < longest + 64
+        # the same rows as the full-width layout, cut where every row is padding
+        assert (y[:, longest:] == IGNORE_INDEX).all()
