@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic_io import write_text_atomic
 from .errors import ConfigError
 
 POSITIONS = ("learned", "rope")
@@ -146,7 +147,7 @@ class ModelConfig:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            write_text_atomic(Path(path), text + "\n")
         return text
 
     @classmethod

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .atomic_io import replace_durably, temporary_dir, temporary_path
 from .errors import CheckpointError, ConfigError
 
 log = logging.getLogger("nanomoe.distributed")
@@ -466,11 +467,10 @@ def consolidate_checkpoint(path: str | Path, out: str | Path | None = None, *, p
     metadata = {"format": "pt", "nanomoe": str(ck.CHECKPOINT_FORMAT), "consolidated_from": str(ckpt_dir)}
     if out is None:
         target = ckpt_dir / "model.safetensors"
-        tmp = ckpt_dir / f".model.safetensors.tmp-{os.getpid()}"
+        tmp = temporary_path(target)
         try:
             save_file(state, str(tmp), metadata=metadata)
-            ck.fsync_file(tmp)
-            os.replace(tmp, target)
+            replace_durably(tmp, target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise CheckpointError(f"could not write {target}: {e}; free some space or pass --out") from None
@@ -478,7 +478,7 @@ def consolidate_checkpoint(path: str | Path, out: str | Path | None = None, *, p
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    tmp = temporary_dir(out)
     try:
         tmp.mkdir(parents=True)
         save_file(state, str(tmp / "model.safetensors"), metadata=metadata)

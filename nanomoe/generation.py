@@ -19,9 +19,8 @@ K experts per token.
 
 from __future__ import annotations
 
-import os
-
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .atomic_io import temporary_dir
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -346,7 +347,7 @@ def export_hf(model, tokenizer, out_dir, *, dtype: str = "float32", overwrite: b
     config["torch_dtype"] = config["dtype"] = dtype  # transformers < 5 reads torch_dtype, >= 5 dtype
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp = temporary_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..atomic_io import write_bytes_atomic
 from ..errors import ConfigError
 from ..evaluation import RoutingAccumulator, evaluate_checkpoint
 
@@ -243,12 +244,6 @@ def analyze_experts(
 # Report files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _figure_bytes(fig) -> bytes:
     import io
 
@@ -338,13 +333,13 @@ def write_report(analysis: dict[str, Any], out_dir: str | os.PathLike, *, title:
     images = plot_heatmaps(analysis)
     written = {}
     try:
-        _atomic_write(out / "experts.json", (json.dumps(analysis, indent=1) + "\n").encode())
+        write_bytes_atomic(out / "experts.json", (json.dumps(analysis, indent=1) + "\n").encode())
         written["json"] = out / "experts.json"
         for name, png in images.items():
-            _atomic_write(out / name, png)
+            write_bytes_atomic(out / name, png)
             written[name] = out / name
         inline = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in images.items()}
-        _atomic_write(out / "report.html", render_report(analysis, inline, title=title).encode("utf-8"))
+        write_bytes_atomic(out / "report.html", render_report(analysis, inline, title=title).encode("utf-8"))
         written["html"] = out / "report.html"
     except OSError as e:
         raise ConfigError(f"could not write the report to {out}: {e.strerror or e}") from None

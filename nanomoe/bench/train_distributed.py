@@ -36,10 +36,9 @@ def _worker(opts) -> None:
     from ..config import resolve_model_config
     from ..data import builtin_corpus_dir, read_meta
     from ..distributed import DistContext
+    from ..malloc import keep_freed_memory
     from ..training.config import TrainConfig
     from ..training.trainer import Trainer, resolve_device
-
-    from ..malloc import keep_freed_memory
 
     if opts.threads:
         torch.set_num_threads(opts.threads)

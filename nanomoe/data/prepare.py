@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic_io import TMP_MARK, fsync_dir, fsync_file, temporary_path, write_json_atomic
 from ..errors import DataError
 from .sources import DEFAULT_BUILTIN_MB, Source, open_source, split_documents
 from .tokenizer import Tokenizer, check_vocab_size, load_tokenizer, train_bpe_tokenizer, train_word_tokenizer
@@ -45,7 +46,6 @@ META = "meta.json"
 LOCK = ".prepare.lock"
 TOKENIZER = "tokenizer.json"
 CHUNK_CHARS = 2_000_000  # documents are encoded in chunks of about this many characters
-_TMP_MARK = ".tmp-"
 
 
 @dataclass
@@ -161,7 +161,7 @@ def _prepare_locked(src, out, tokenizer, tokenizer_kind, vocab_size, split_optio
                 _check_same_tokenizer(out, existing, tokenizer, overwrite)
 
         dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-        tmp = {name: out / f".{name}{_TMP_MARK}{os.getpid()}" for name in _file_names()}
+        tmp = {name: temporary_path(out / name) for name in _file_names()}
         try:
             stats = _encode_source(src, split_options, tokenizer, dtype, tmp, progress, workers)
             for split in SPLITS:
@@ -173,8 +173,10 @@ def _prepare_locked(src, out, tokenizer, tokenizer_kind, vocab_size, split_optio
             # commit: untrust the old data, move the new files in, then write the marker
             (out / META).unlink(missing_ok=True)
             for name, path in tmp.items():
+                fsync_file(path)
                 os.replace(path, out / name)
-            _write_json_atomic(out / META, meta)
+            fsync_dir(out)  # the renames reach the disk before meta.json vouches for them
+            write_json_atomic(out / META, meta)
         finally:
             for path in tmp.values():
                 path.unlink(missing_ok=True)
@@ -436,19 +438,9 @@ def _empty_split_message(split: str, src: Source, val_fraction: float) -> str:
     return f"the {split} split of {src.description} holds no documents"
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _remove_temporaries(out: Path) -> None:
     """Leftovers of killed runs (never trusted, since meta.json does not list them)."""
-    for path in out.glob(f".*{_TMP_MARK}*"):
+    for path in out.glob(f".*{TMP_MARK}*"):
         path.unlink(missing_ok=True)
 
 

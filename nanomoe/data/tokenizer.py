@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..atomic_io import write_text_atomic
 from ..errors import DataError
 
 EOT = "<|endoftext|>"
@@ -70,9 +71,7 @@ class Tokenizer:
         """Write `to_json_str()` to `path` atomically (a reader never sees half a file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_json_str(), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_json_str())
         return path
 
     @staticmethod

@@ -36,42 +36,13 @@ from typing import Any
 
 import torch
 
+from ..atomic_io import fsync_dir, fsync_file, temporary_dir, write_json_atomic
 from ..config import ModelConfig
 from ..errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_FILES = ("model.safetensors", "model_config.json", "trainer_state.json")
 SHARDED_DIR = "sharded"  # DCP weights + optimizer state of FSDP runs, in place of model.safetensors
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform (Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file, flush it to disk, and rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> Any:
@@ -111,7 +82,7 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp = temporary_dir(final)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not is_complete(final):
@@ -205,11 +176,11 @@ def publish_checkpoint(tmp: Path, final: Path) -> None:
         if f.is_file():
             fsync_file(f)
     for d in [p for p in Path(tmp).rglob("*") if p.is_dir()] + [Path(tmp)]:
-        _fsync_dir(d)
+        fsync_dir(d)
     if final.exists():  # an incomplete leftover of a crashed save: nothing points to it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def update_pointers(run_dir: Path, final: Path, pointers: dict[str, dict[str, Any]] | None, step: int | None) -> None:

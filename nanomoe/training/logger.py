@@ -117,7 +117,7 @@ class MetricsLogger:
             "threads": torch.get_num_threads(),
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        from .checkpoint import write_json_atomic
+        from ..atomic_io import write_json_atomic
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "run.json"
