@@ -63,6 +63,14 @@ class DistContext:
         votes = torch.tensor([float(flag) if self.is_main else 0.0], dtype=torch.float64)
         return bool(self.all_reduce_sum(votes).item())
 
+    def gather_to_main(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on rank 0, None on the others (small objects only)."""
+        if not self.enabled:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -305,7 +313,8 @@ def _ckpt():
     return checkpoint
 
 
-def save_sharded_checkpoint_if_needed(trainer, name: str, pointers: dict, keep: bool = False) -> bool:
+def save_sharded_checkpoint_if_needed(trainer, name: str, pointers: dict, keep: bool = False,
+                                      rng_state: dict | None = None) -> bool:
     """FSDP: every rank writes its shards of the weights and AdamW state with DCP into
     `RUN/checkpoints/.tmp-<name>-sharded/sharded/`; rank 0 adds the JSON files, renames the
     directory to `<name>` and, after all ranks finished, updates the pointers. Other strategies
@@ -346,7 +355,7 @@ def save_sharded_checkpoint_if_needed(trainer, name: str, pointers: dict, keep: 
             try:
                 ck.write_checkpoint_files(
                     tmp, model_config=trainer.model_config, trainer_state=trainer._trainer_state(),
-                    rng_state=ck.capture_rng_state(), train_config=trainer.cfg.to_dict(),
+                    rng_state=rng_state, train_config=trainer.cfg.to_dict(),
                     tokenizer_json=trainer.tokenizer.to_json_str(), data_meta=trainer.data_meta,
                 )
                 ck.publish_checkpoint(tmp, final)

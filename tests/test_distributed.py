@@ -171,6 +171,17 @@ def test_one_process_checkpoint_resumes_on_two_with_fsdp(single_run, tmp_path):
     assert_same_run(run, single_run, steps=range(4, STEPS + 1))
 
 
+def test_resume_at_the_same_world_size_restores_every_ranks_random_stream(data_dir, tmp_path):
+    # with dropout each rank draws its own masks; a resume that restored only rank 0's stream would
+    # give rank 1 other masks from step 4 on, and other weights
+    dropout = ["--data", data_dir, "--strategy", "ddp", "--set", "batch_size=2", "--set", "dropout=0.2"]
+    straight = tmp_path / "straight"
+    torchrun("train", *COMMON, *dropout, "--out", straight)
+    run = rewind_to_step_3(straight, tmp_path / "resumed")
+    torchrun("train", "--resume", run, "--no-progress")
+    assert_same_run(run, straight, steps=range(4, STEPS + 1))
+
+
 def test_consolidate_writes_safetensors_that_generation_reads(fsdp_run, tmp_path, capsys):
     run, _ = fsdp_run
     out = tmp_path / "final"

@@ -354,15 +354,32 @@ def load_rng_state(ckpt_dir: Path) -> dict | None:
 
 
 def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, and CUDA when present)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state: dict[str, Any] | None) -> None:
+def combine_rank_rng_states(per_rank: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """rng.pt content: rank 0's states at the top level (what a single process restores) and
+    every rank's under "ranks"."""
+    if not per_rank:
+        return None
+    return {**per_rank[0], "ranks": per_rank}
+
+
+def restore_rng_state(state: dict[str, Any] | None, rank: int = 0) -> bool:
+    """Restore `rank`'s saved RNG states; False when the checkpoint holds none for that rank."""
     if not state:
-        return
+        return False
+    if "ranks" in state:
+        if rank >= len(state["ranks"]):
+            return False
+        state = state["ranks"][rank]
+    elif rank != 0:  # checkpoints before per-rank states held rank 0's only
+        return False
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    return True

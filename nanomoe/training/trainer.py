@@ -262,7 +262,9 @@ class Trainer:
         pointers = {"latest": {}}
         if best:
             pointers["best"] = {"val_loss": self.state.best_val_loss}
-        if save_sharded_checkpoint_if_needed(self, name, pointers, keep=keep):
+        # every rank's stream (dropout, noisy gating), so a resume at the same world size is exact
+        rng_state = ckpt.combine_rank_rng_states(self.dist.gather_to_main(ckpt.capture_rng_state()))
+        if save_sharded_checkpoint_if_needed(self, name, pointers, keep=keep, rng_state=rng_state):
             return self.run_dir / "checkpoints" / name
         if not self.dist.is_main:
             return None
@@ -273,7 +275,7 @@ class Trainer:
             model_config=self.model_config,
             trainer_state=self._trainer_state(),
             optimizer_state=self.optimizer.state_dict(),
-            rng_state=ckpt.capture_rng_state(),
+            rng_state=rng_state,
             train_config=self.cfg.to_dict(),
             tokenizer_json=self.tokenizer.to_json_str(),
             data_meta=self.data_meta,
@@ -300,10 +302,11 @@ class Trainer:
                 self.optimizer.load_state_dict(optimizer_state)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        restored = False
         if state.get("world_size", 1) == self.dist.world_size:
-            ckpt.restore_rng_state(ckpt.load_rng_state(ckpt_dir))
-            if self.dist.rank != 0:  # rank 0's stream was saved; keep the others distinct
-                torch.manual_seed(self.cfg.seed + 1_000_003 * self.dist.rank + state["step"])
+            restored = ckpt.restore_rng_state(ckpt.load_rng_state(ckpt_dir), rank=self.dist.rank)
+        if not restored:  # another world size (or an old checkpoint): fresh, distinct streams per rank
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.dist.rank + state["step"])
         self.train_loader.load_state_dict(state["loader"])
         best = state.get("best_val_loss")
         self.state = TrainState(
