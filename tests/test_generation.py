@@ -244,6 +244,13 @@ def test_compiled_decoding_gives_the_same_tokens():
     for prompts in ([[1, 2, 3, 4], [5, 6]], [[7, 8, 9]]):  # batched (attention kernel) and one row (fused loops)
         eager = generate_batch(model, prompts, 12, temperature=0)
         assert generate_batch(model, prompts, 12, temperature=0, compile=True) == eager
+    # a second model of the same shape must not run on the first one's frozen weights
+    torch.manual_seed(1)
+    other = GPT(model.config).eval()
+    prompts = [[7, 8, 9]]
+    eager = generate_batch(other, prompts, 12, temperature=0)
+    assert eager != generate_batch(model, prompts, 12, temperature=0)  # the check below can tell them apart
+    assert generate_batch(other, prompts, 12, temperature=0, compile=True) == eager
 
 
 # ---------------------------------------------------------------------------------------------
