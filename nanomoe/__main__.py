@@ -1,7 +1,6 @@
 """`python -m nanomoe ...` (what torchrun launches) is the same as the `nanomoe` command."""
 
-import sys
-
 from .cli import main
+from .distributed import exit_worker
 
-sys.exit(main())
+exit_worker(main())

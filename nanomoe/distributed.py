@@ -115,6 +115,30 @@ class DistContext:
             with contextlib.suppress(RuntimeError):
                 dist.barrier()
             dist.destroy_process_group()
+            global _LEFT_A_PROCESS_GROUP
+            _LEFT_A_PROCESS_GROUP = True
+
+
+# Set once a worker has left its process group. Objects that still hold the group (DDP's reducer,
+# FSDP state) are otherwise torn down during interpreter finalization, where gloo's C++ threads can
+# abort the process ("terminate called without an active exception", SIGABRT) after all work is done
+# and saved; `exit_worker` skips that teardown.
+_LEFT_A_PROCESS_GROUP = False
+
+
+def exit_worker(code: int):
+    """sys.exit(code), except for a process that took part in a process group: flush what it
+    wrote, then end it at once (os._exit) instead of letting finalization destroy gloo's state."""
+    import logging
+    import sys
+
+    if not _LEFT_A_PROCESS_GROUP:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def micro_batch_size(train_config, world_size: int) -> int:

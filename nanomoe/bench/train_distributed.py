@@ -193,4 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from ..distributed import exit_worker
+
     main()
+    exit_worker(0)
