@@ -191,13 +191,18 @@ def test_bad_loader_arguments_and_data_are_reported(data_dir, tmp_path):
         BatchLoader(tmp_path, "train", 4, T)
 
 
-def test_document_batches_are_as_wide_as_their_longest_row(data_dir):
+def test_document_batches_are_as_wide_as_their_longest_row(data_dir, monkeypatch):
     block = 1024
     loader = BatchLoader(data_dir, "val", 4, block, mode="documents", seed=0)
-    for _ in range(5):
-        x, y = loader.next_batch()
+    cropped = [loader.next_batch() for _ in range(5)] + list(loader.eval_batches(4, max_batches=5))
+    # the same batches at full width: the cropped ones are their left part, and the rest is padding
+    monkeypatch.setattr(BatchLoader, "_crop_padding", lambda self, x, y: (x, y))
+    loader = BatchLoader(data_dir, "val", 4, block, mode="documents", seed=0)
+    full = [loader.next_batch() for _ in range(5)] + list(loader.eval_batches(4, max_batches=5))
+    for (x, y), (fx, fy) in zip(cropped, full, strict=True):
         longest = int((y != IGNORE_INDEX).sum(dim=1).max())
-        assert x.shape == y.shape and (x.shape[1] % 64 == 0 or x.shape[1] == block)
-        assert longest <= x.shape[1] < longest + 64
-        # the same rows as the full-width layout, cut where every row is padding
-        assert (y[:, longest:] == IGNORE_INDEX).all()
+        width = x.shape[1]
+        assert x.shape == y.shape and (width % 64 == 0 or width == block)
+        assert longest <= width < longest + 64 and fx.shape[1] == block
+        assert torch.equal(x, fx[:, :width]) and torch.equal(y, fy[:, :width])
+        assert (fy[:, width:] == IGNORE_INDEX).all()

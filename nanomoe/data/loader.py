@@ -7,7 +7,7 @@ Two ways to cut samples out of a split (token layout: doc0 EOT doc1 EOT ... docN
 - "documents": one document per row, starting at its first token, with EOT in front as the context
   for the first token (x = EOT doc..., y = doc... EOT). Rows are padded; padded targets are
   IGNORE_INDEX (-100) and never count in the loss. Documents longer than block_size are cut.
-  Training batches are only as wide as their longest row (rounded up to a multiple of 64).
+  Batches are only as wide as their longest row (rounded up to a multiple of 64).
 
 Training batches are drawn with replacement from an RNG seeded by (seed, step) alone. Each step
 draws one global batch of world_size * batch_size rows and rank r takes rows [r*B, (r+1)*B): two
@@ -37,7 +37,7 @@ from .prepare import SPLITS, read_meta
 
 MODES = ("packed", "documents")
 EVAL_ORDER_SEED = 20240101  # eval order is fixed: independent of the training seed
-CROP_MULTIPLE = 64  # document-mode training batches are as wide as their longest row, rounded up to this
+CROP_MULTIPLE = 64  # document-mode batches are as wide as their longest row, rounded up to this
 
 
 class BatchLoader:
@@ -115,13 +115,7 @@ class BatchLoader:
         if self.mode == "packed":
             window = self.tokens[mine[:, None] + np.arange(self.block_size + 1)].astype(np.int64)  # (B, T+1)
             return self._to_torch(window[:, :-1], window[:, 1:])
-        x, y = self._document_rows(mine)
-        # Drop the columns that are padding in every row (rounded up to a multiple of 64 so only a few
-        # shapes ever occur): the loss is unchanged, and short stories no longer pay for block_size
-        # positions each (~80% of the compute for TinyStories at the seed's 1080).
-        longest = int((y != IGNORE_INDEX).sum(axis=1).max(initial=1))
-        width = min(self.block_size, -(-longest // CROP_MULTIPLE) * CROP_MULTIPLE)
-        return self._to_torch(x[:, :width], y[:, :width])
+        return self._to_torch(*self._crop_padding(*self._document_rows(mine)))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -168,7 +162,7 @@ class BatchLoader:
             if self.mode == "packed":
                 yield self._to_torch(*self._eval_windows(mine))
             else:
-                yield self._to_torch(*self._document_rows(mine))
+                yield self._to_torch(*self._crop_padding(*self._document_rows(mine)))
 
     def _num_eval_rows(self) -> int:
         if self.mode == "packed":
@@ -187,6 +181,14 @@ class BatchLoader:
             x[i, :n] = self.tokens[start : start + n]
             y[i, :n] = self.tokens[start + 1 : start + 1 + n]
         return x, y
+
+    def _crop_padding(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Drop the columns that are padding in every row (rounded up to a multiple of 64 so only a
+        few shapes ever occur): the loss is unchanged, and short stories no longer pay for block_size
+        positions each (~80% of the compute for TinyStories at the seed's 1080)."""
+        longest = int((y != IGNORE_INDEX).sum(axis=1).max(initial=1))
+        width = min(self.block_size, -(-longest // CROP_MULTIPLE) * CROP_MULTIPLE)
+        return x[:, :width], y[:, :width]
 
     def _document_rows(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         T = self.block_size
