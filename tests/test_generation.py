@@ -280,6 +280,20 @@ def test_generate_command_batches_prompts_and_samples_as_json(run_dir, capsys):
     assert report["tokens_per_s"] > 0
 
 
+def test_generate_command_says_when_the_context_window_cut_the_story(run_dir, capsys):
+    argv = ["generate", "--checkpoint", str(run_dir), "--prompt", "The cat", "--max-new-tokens", "500",
+            "--temperature", "0", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    sample = json.loads(captured.out)["samples"][0]
+    assert sample["stop_reason"] == "context_full" and sample["new_tokens"] < 500
+    assert "context of 64 tokens" in captured.err
+    argv[argv.index("500")] = "5"  # fits: the limit is the user's
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["samples"][0]["stop_reason"] == "max_new_tokens" and "context" not in captured.err
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "1.5"], "top_p"),

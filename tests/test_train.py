@@ -202,10 +202,13 @@ def test_nan_loss_skips_steps_then_stops_with_a_clear_message(data_dir, tmp_path
 
     trainer.train_model.forward = poisoned
     before = params_of(trainer)
-    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss") as error:
         trainer.fit()
     after = params_of(trainer)
     assert all(torch.equal(before[k], after[k]) for k in before)  # skipped steps change nothing
+    # the advice fits the run: nothing was saved yet, and fp32 is not news to an fp32 run
+    assert "No checkpoint was saved" in str(error.value)
+    assert ("precision=fp32" in str(error.value)) == (trainer.cfg.precision != "fp32")
 
 
 def test_one_nan_step_is_skipped_and_training_continues(data_dir, tmp_path):
@@ -260,6 +263,18 @@ def test_resume_with_a_different_model_is_refused(data_dir, tmp_path):
 
     with pytest.raises(CheckpointError, match="holds a different model"):
         ckpt.load_model_weights(GPT(other), ckpt.resolve_checkpoint(run))
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(data_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    Trainer(tiny_model(), quiet(max_steps=2), run, data_dir).fit()
+    before = params_of(ckpt.load_checkpoint(run, prefer="latest"))
+    resumed = Trainer(tiny_model(), quiet(max_steps=2), run, data_dir, resume_from=run)
+    with caplog.at_level("WARNING"):
+        assert resumed.fit()["step"] == 2
+    assert "already at step 2 of 2: nothing to train" in caplog.text
+    after = params_of(ckpt.load_checkpoint(run, prefer="latest"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_checkpoint_holds_everything_and_no_pickles(data_dir, tmp_path):

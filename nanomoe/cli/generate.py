@@ -128,6 +128,12 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
     seconds = time.perf_counter() - t0
     total = sum(n_new)
+    for i in range(len(rows)):  # cut short by the context window, not by --max-new-tokens
+        if stop_reason[i] == "max_new_tokens" and n_new[i] < args.max_new_tokens:
+            stop_reason[i] = "context_full"
+    if "context_full" in stop_reason:
+        print(f"note: stopped when the model's context of {block} tokens (prompt included) was full; "
+              f"--max-new-tokens {args.max_new_tokens} does not fit", file=sys.stderr)
     rate = total / seconds if seconds > 0 else 0.0
 
     if args.json:

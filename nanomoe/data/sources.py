@@ -404,7 +404,9 @@ class HubSource(Source):
         except (ConnectionError, OSError) as e:
             raise DataError(
                 f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                "on an offline machine, copy the data and pass the local folder, or use --source builtin"
+                "on an offline machine, copy the text here and prepare it (nanomoe prepare --source FOLDER --out "
+                "DATA_DIR, then train with --data DATA_DIR), or use the built-in stories (prepare --source builtin, "
+                "train --data builtin)"
             ) from None
         except Exception as e:  # datasets raises many kinds: DatasetNotFoundError, ValueError...
             raise DataError(f"could not load dataset {name!r}: {type(e).__name__}: {e}") from None

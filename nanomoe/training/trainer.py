@@ -423,6 +423,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_incomplete(self.run_dir)
             self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta, self.total_steps)
+        if state.step >= self.total_steps and self.dist.is_main:
+            log.warning("the run is already at step %d of %d: nothing to train; pass a larger --max-steps to "
+                        "continue it", state.step, self.total_steps)
         progress = self.logger.progress(self.total_steps, state.step, enabled=cfg.progress and self.dist.is_main)
         eval_every = cfg.eval_every or self.steps_per_epoch
         window = {"loss": 0.0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
@@ -444,12 +447,7 @@ class Trainer:
                     log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)",
                                 state.step, state.bad_steps)
                     if state.bad_steps >= cfg.max_bad_steps:
-                        raise TrainingError(
-                            f"{state.bad_steps} steps in a row had a non-finite loss or gradient norm; training "
-                            f"diverged. Lower the learning rate (--set lr={cfg.lr / 3:.2g}), keep gradient "
-                            "clipping on (--set grad_clip=1.0) or try --set precision=fp32; the last good "
-                            f"checkpoint is in {self.run_dir}"
-                        )
+                        raise TrainingError(self._divergence_message())
                     progress.update(1)
                     continue
                 state.bad_steps = 0
@@ -495,6 +493,21 @@ class Trainer:
         if self.dist.is_main:
             self.logger.finish(make_plots=self.cfg.plots)
         return result
+
+    def _divergence_message(self) -> str:
+        cfg = self.cfg
+        advice = [f"lower the learning rate (--set lr={cfg.lr / 3:.2g})"]
+        if not cfg.grad_clip:
+            advice.append("turn gradient clipping on (--set grad_clip=1.0)")
+        if cfg.precision != "fp32":
+            advice.append("try --set precision=fp32")
+        if (self.run_dir / "latest.json").is_file():
+            where = f"The last good checkpoint is in {self.run_dir} (--resume it with the new settings)."
+        else:
+            where = "No checkpoint was saved before it diverged: start a new run."
+        advice_text = "; ".join(advice)
+        return (f"{self.state.bad_steps} steps in a row had a non-finite loss or gradient norm; training diverged. "
+                f"{advice_text[0].upper()}{advice_text[1:]}. {where}")
 
     def _eval_and_save(self, progress) -> None:
         state = self.state
