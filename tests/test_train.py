@@ -326,6 +326,20 @@ def test_cli_bad_data_dir_is_a_clear_error(tmp_path, capsys):
     assert "nanomoe prepare" in capsys.readouterr().err
 
 
+def test_cli_data_builtin_takes_a_size_like_prepare(tmp_path, monkeypatch):
+    from nanomoe.cli.train import resolve_data_dir
+    from nanomoe.data import read_meta
+    from nanomoe.errors import DataError
+
+    monkeypatch.setenv("NANOMOE_CACHE", str(tmp_path / "cache"))
+    path = resolve_data_dir("builtin:0.15")
+    assert path.parent == tmp_path / "cache" and "0.15mb" in path.name
+    assert read_meta(path)["splits"]["train"]["bytes"] >= 150_000
+    for bad in ("builtin:lots", "builtin:0"):
+        with pytest.raises(DataError, match="as in builtin:10"):
+            resolve_data_dir(bad)
+
+
 def test_tied_embeddings_train_save_and_resume(data_dir, tmp_path):
     run = tmp_path / "run"
     cfg = quiet(max_steps=4)

@@ -13,14 +13,17 @@ log = logging.getLogger("nanomoe.train")
 
 
 def resolve_data_dir(data: str, vocab_size: int = 2048) -> Path:
-    """'builtin' (prepared on first use in the cache), 'tinystories' (downloaded and prepared on
+    """'builtin' or 'builtin:MB' (prepared on first use in the cache), 'tinystories' (downloaded and prepared on
     machines that are online), or a data dir written by `nanomoe prepare`."""
     from ..errors import DataError
 
-    if data == "builtin":
+    from ..data.sources import builtin_size_mb
+
+    size_mb = builtin_size_mb(data)
+    if size_mb is not None:
         from ..data import builtin_corpus_dir
 
-        return builtin_corpus_dir()
+        return builtin_corpus_dir(size_mb=size_mb)
     if data == "tinystories":
         from ..data import cache_root, prepare_data
 
@@ -160,7 +163,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", help="model preset (default tiny-moe; see `nanomoe params --list`)")
     p.add_argument("--recipe", help="training recipe: default, seed (the first seed's), debug")
     p.add_argument("--config", help="TOML/YAML/JSON file with preset/recipe keys and [model] / [train] sections")
-    p.add_argument("--data", help="builtin (default), tinystories, or a data dir from `nanomoe prepare`")
+    p.add_argument("--data", help="builtin (default; builtin:MB for another size), tinystories, or a data dir from "
+                   "`nanomoe prepare`")
     p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN",

@@ -121,6 +121,20 @@ def split_documents(
 # Opening a --source value
 
 
+def builtin_size_mb(spec: str) -> float | None:
+    """MB of built-in stories that `spec` asks for ("builtin" or "builtin:MB"); None for other specs."""
+    if spec != "builtin" and not spec.startswith("builtin:"):
+        return None
+    size = spec.partition(":")[2]
+    try:
+        size_mb = float(size) if size else DEFAULT_BUILTIN_MB
+    except ValueError:
+        raise DataError(f"builtin source size must be a number of MB, as in builtin:10, got {spec!r}") from None
+    if not size_mb > 0:
+        raise DataError(f"builtin source size must be more than 0 MB, as in builtin:10, got {spec!r}")
+    return size_mb
+
+
 def open_source(
     spec: str | os.PathLike,
     *,
@@ -136,12 +150,8 @@ def open_source(
     if isinstance(spec, os.PathLike):
         return LocalSource(Path(spec), separator=separator, text_field=text_field, errors=errors)
     spec = str(spec)
-    if spec == "builtin" or spec.startswith("builtin:"):
-        size = spec.partition(":")[2]
-        try:
-            size_mb = float(size) if size else DEFAULT_BUILTIN_MB
-        except ValueError:
-            raise DataError(f"builtin source size must be a number of MB, as in builtin:10, got {spec!r}") from None
+    size_mb = builtin_size_mb(spec)
+    if size_mb is not None:
         return BuiltinSource(size_mb=size_mb, seed=seed)
     if spec.startswith("hf:"):
         return HubSource(spec[3:], text_field=text_field)
