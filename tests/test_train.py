@@ -326,6 +326,18 @@ def test_cli_bad_data_dir_is_a_clear_error(tmp_path, capsys):
     assert "nanomoe prepare" in capsys.readouterr().err
 
 
+def test_cli_refused_run_leaves_no_empty_out_dir(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "debug", "--data", str(data_dir), "--out", str(out), "--max-steps", "1",
+                 "--set", "seq_len=100000"])  # longer than the model's block_size: refused by the trainer
+    assert code == 1 and "block_size" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()  # a directory the user made stays
+    assert main(["train", "--preset", "debug", "--data", str(data_dir), "--out", str(out), "--max-steps", "1",
+                 "--set", "seq_len=100000"]) == 1
+    assert out.is_dir()
+
+
 def test_cli_data_builtin_takes_a_size_like_prepare(tmp_path, monkeypatch):
     from nanomoe.cli.train import resolve_data_dir
     from nanomoe.data import read_meta

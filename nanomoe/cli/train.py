@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
 
+from ..errors import NanoMoEError
 from . import add_command
 
 log = logging.getLogger("nanomoe.train")
@@ -15,9 +17,8 @@ log = logging.getLogger("nanomoe.train")
 def resolve_data_dir(data: str, vocab_size: int = 2048) -> Path:
     """'builtin' or 'builtin:MB' (prepared on first use in the cache), 'tinystories' (downloaded and prepared on
     machines that are online), or a data dir written by `nanomoe prepare`."""
-    from ..errors import DataError
-
     from ..data.sources import builtin_size_mb
+    from ..errors import DataError
 
     size_mb = builtin_size_mb(data)
     if size_mb is not None:
@@ -136,10 +137,17 @@ def cmd_train(args) -> int:
 
         keep_freed_memory()  # reuse activation memory across steps instead of page-faulting it anew
     ctx = DistContext.from_env(device_type)
+    new_dir = not run_dir.exists()
     try:
         if ctx.is_main:
             _check_writable(run_dir)
-        trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, resume_from=resume_from, dist=ctx)
+        try:
+            trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, resume_from=resume_from, dist=ctx)
+        except NanoMoEError:
+            if ctx.is_main and new_dir:  # refused before anything was written: leave no empty --out behind
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise
         result = trainer.fit()
         # every rank calls sample(): an FSDP model needs all of them for each forward
         stories = trainer.sample() if not result["stopped"] and train_cfg.samples else []
