@@ -151,7 +151,8 @@ def cmd_generate(args) -> int:
                 print(f"--- sample {i + 1}/{len(rows)} ---")
             print(p + t)
     sys.stdout.flush()
-    print(f"[{total} tokens in {seconds:.2f} s: {rate:.1f} tokens/s]", file=sys.stderr)
+    compiled = "; the first use of --compile includes compiling" if args.compile else ""
+    print(f"[{total} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{compiled}]", file=sys.stderr)
     return 0
 
 
