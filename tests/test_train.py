@@ -321,9 +321,16 @@ def test_cli_unwritable_out_is_a_clear_error(data_dir, tmp_path, capsys):
 
 
 def test_cli_bad_data_dir_is_a_clear_error(tmp_path, capsys):
-    code = main(["train", "--data", str(tmp_path), "--max-steps", "1"])
-    assert code == 1
-    assert "nanomoe prepare" in capsys.readouterr().err
+    raw = tmp_path / "raw"  # text, not prepared data
+    raw.mkdir()
+    (raw / "stories.txt").write_text("Once upon a time.\n")
+    assert main(["train", "--data", str(raw), "--max-steps", "1"]) == 1
+    assert f"nanomoe prepare --source {raw} --out raw-prepared" in capsys.readouterr().err
+    interrupted = tmp_path / "interrupted"  # what a killed prepare leaves: hidden temporaries only
+    interrupted.mkdir()
+    (interrupted / ".train.bin.tmp-123").write_bytes(b"")
+    assert main(["train", "--data", str(interrupted), "--max-steps", "1"]) == 1
+    assert f"Run it again: nanomoe prepare --source SOURCE --out {interrupted}" in capsys.readouterr().err
 
 
 def test_cli_refused_run_leaves_no_empty_out_dir(data_dir, tmp_path, capsys):

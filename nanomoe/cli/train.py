@@ -33,6 +33,13 @@ def resolve_data_dir(data: str, vocab_size: int = 2048) -> Path:
     if not path.exists():
         raise DataError(f"--data {data}: no such directory; use builtin, tinystories, or a dir made by nanomoe prepare")
     if not (path / "meta.json").is_file():
+        visible = [p.name for p in path.iterdir() if not p.name.startswith(".")] if path.is_dir() else ["?"]
+        if not visible or {"train.bin", "val.bin", "tokenizer.json"} & set(visible):
+            # empty, or outputs without meta.json: an interrupted prepare, whose data is not trusted
+            raise DataError(
+                f"--data {data} holds no complete prepared data (no meta.json: an interrupted `nanomoe prepare`?). "
+                f"Run it again: nanomoe prepare --source SOURCE --out {data}"
+            )
         raise DataError(
             f"--data {data} is not a prepared data dir (no meta.json). Prepare it first:\n"
             f"  nanomoe prepare --source {data} --out {path.name}-prepared"
