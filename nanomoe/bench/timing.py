@@ -62,7 +62,7 @@ def time_interleaved(
     attempts = _MAX_RETRIES_PER_SAMPLE + 1 if clock is time.perf_counter else 1  # CPU time needs no retakes
     for _ in range(repeats):
         for name, fn in fns.items():
-            for attempt in range(attempts):
+            for _attempt in range(attempts):
                 sync(device)
                 ticks = _cpu_ticks()
                 t0 = clock()
