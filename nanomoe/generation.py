@@ -121,16 +121,17 @@ class StaticKVCache:
         return self.k[layer], self.v[layer]
 
 
-def _decode_step(model: GPT, tokens_B: torch.Tensor, cache: StaticKVCache, pad_B: torch.Tensor):
+def _decode_step(model: GPT, tokens_B: torch.Tensor, cache: StaticKVCache, pad_B: torch.Tensor, span: int):
     """Logits (B, V) and per-MoE-layer expert choices [(B, K)] for one new token per row, written at
     cache slot `cache.write_slots[0]`. Row b's prompt started at slot pad_B[b] (left padding).
+    Attention reads the first `span` cache slots only (more than the written ones, fewer than all).
 
     The same computation as `GPT.forward` for one position (the tests hold them to the same tokens),
     through the model's own modules, with attention for a single query per row and logits for that
     position only. Under torch.compile a batch-1 step becomes one fused C++ loop nest.
     """
     slot = cache.write_slots  # (1,)
-    slots_S = torch.arange(cache.max_len, device=tokens_B.device)
+    slots_S = torch.arange(span, device=tokens_B.device)
     visible_BS = (slots_S >= pad_B[:, None]) & (slots_S <= slot)  # this row's tokens, up to the new one
     positions_B = slot - pad_B
     x_BD = model.tok_emb(tokens_B)
@@ -162,7 +163,9 @@ def _attend_one_query(attn, x_BD: torch.Tensor, rope, cache: StaticKVCache, laye
     k, v = k.view(B, Hkv, 1, d), v.view(B, Hkv, 1, d)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    keys, values = cache.update(layer, 0, k, v)  # (B, Hkv, S, d)
+    keys, values = cache.update(layer, 0, k, v)  # (B, Hkv, max_len, d)
+    S = visible_BS.shape[1]  # the span: slots past it are empty, and reading them is most of a batched step
+    keys, values = keys[:, :, :S], values[:, :, :S]
     if B == 1:
         # Written out, so torch.compile fuses it with the projections around it (one row: the
         # attention kernel's setup costs more than the work). softmax(q k^T / sqrt(d)) v in fp32.
@@ -192,6 +195,10 @@ def compiled_decode_step():
     """
     global _compiled_decode_step
     if _compiled_decode_step is None:
+        # one compiled step per (model, batch, cache length, attention span): leave room for them
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "freezing": True}
         _compiled_decode_step = torch.compile(_decode_step, dynamic=False, options=options)
     return _compiled_decode_step
@@ -258,12 +265,21 @@ class Decoder:
         self.next_slot = T
         return out.logits[:, -1], [s.expert_indices.view(B, T, -1) for s in out.moe]
 
+    def _span(self) -> int:
+        """Cache slots the next step attends over: the written ones rounded up to a multiple of 64,
+        so a batched step reads a growing cache rather than the whole one (each span is compiled
+        once). A compiled batch-1 step reads them all: its keys are a small share of the bytes a
+        token reads, and one span means one compilation."""
+        if self.compiled and self.batch_size == 1:
+            return self.max_len
+        return cache_length(self.next_slot + 1, self.max_len)
+
     def step(self, tokens_B: torch.Tensor):
         """Feed one token per row (B,); return the logits (B, V) for the next one and the experts."""
         if self.next_slot >= self.max_len:
             raise ConfigError(f"the cache holds {self.max_len} positions and is full")
         self.cache.write_slots = self._slot.fill_(self.next_slot)
-        logits, experts = self._step(self.model, tokens_B, self.cache, self.pad_B)
+        logits, experts = self._step(self.model, tokens_B, self.cache, self.pad_B, self._span())
         self.next_slot += 1
         return logits, experts
 

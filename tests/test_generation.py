@@ -253,6 +253,22 @@ def test_compiled_decoding_gives_the_same_tokens():
     assert generate_batch(other, prompts, 12, temperature=0, compile=True) == eager
 
 
+@pytest.mark.slow
+def test_attention_span_grows_with_the_cache_and_changes_no_token():
+    model = make_model("dense", n_layer=1, block_size=128)
+    decoder = Decoder(model, batch_size=2, max_len=128)
+    with torch.inference_mode():
+        decoder.prefill([[1, 2, 3], [4, 5, 6, 7, 8]])
+    assert decoder._span() == 64  # the written slots rounded up to 64, not the whole cache
+    decoder.next_slot = 64
+    assert decoder._span() == 128
+    # across the 64 boundary: the same tokens as without a cache, eager and compiled (two spans)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    reference = generate_batch(model, prompts, 110, temperature=0, use_cache=False)
+    assert generate_batch(model, prompts, 110, temperature=0) == reference
+    assert generate_batch(model, prompts, 110, temperature=0, compile=True) == reference
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
