@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,9 +130,6 @@ _LEFT_A_PROCESS_GROUP = False
 def exit_worker(code: int):
     """sys.exit(code), except for a process that took part in a process group: flush what it
     wrote, then end it at once (os._exit) instead of letting finalization destroy gloo's state."""
-    import logging
-    import sys
-
     if not _LEFT_A_PROCESS_GROUP:
         sys.exit(code)
     logging.shutdown()

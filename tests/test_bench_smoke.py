@@ -20,3 +20,19 @@ def test_bench_moe_json_has_the_headline_keys(capsys):
         assert report[key] > 0, key
     assert report["max_abs_diff_vs_reference_fp32"]["nanomoe"] < 1e-5
     assert report["shape"]["n_experts"] == 4
+
+
+def test_bench_train_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
+    import nanomoe.data
+    from nanomoe.data import prepare_data
+
+    data = prepare_data("builtin:0.15", tmp_path / "data", vocab_size=300, progress=False)
+    monkeypatch.setattr(nanomoe.data, "builtin_corpus_dir", lambda: data)  # instead of the 10 MB default
+    argv = ["bench", "train", "--preset", "debug", "--dense-preset", "debug-dense", "--steps", "1", "--warmup", "0",
+            "--batch-size", "2", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens_per_s"] > 0 and 0 < report["mfu"] and report["moe_over_dense_step_time"] > 0
+    # the peak is the best of the sizes measured, all reported
+    assert report["peak_flops"] == max(report["peak_flops_by_size"].values())
+    assert set(report["peak_flops_by_size"]) == {"1024", "2048", "4096"}

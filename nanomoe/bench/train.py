@@ -20,12 +20,12 @@ from ..cli import add_command
 PEAK_SIZES = (1024, 2048, 4096)
 
 
-def measure_peak(precision: str, device: torch.device) -> float:
-    """Best matmul FLOP/s over a few square sizes (the machine's practical peak)."""
+def measure_peak(precision: str, device: torch.device) -> dict[int, float]:
+    """Matmul FLOP/s of square products of a few sizes; the best is the machine's practical peak."""
     from .timing import matmul_peak_flops
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    return max(matmul_peak_flops(dtype, device=device, size=s, repeats=5) for s in PEAK_SIZES)
+    return {s: matmul_peak_flops(dtype, device=device, size=s, repeats=5) for s in PEAK_SIZES}
 
 
 def make_trainer(preset: str, args, data_dir, run_dir):
@@ -72,7 +72,9 @@ def run(args) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[p].append(time.perf_counter() - t0)
-        peak = max(peak_before, measure_peak(args.precision, device))
+        peak_after = measure_peak(args.precision, device)  # before and after: the better of each size
+        peak_by_size = {s: max(peak_before[s], peak_after[s]) for s in PEAK_SIZES}
+        peak = max(peak_by_size.values())
 
     results = {}
     for p, trainer in trainers.items():
@@ -92,6 +94,7 @@ def run(args) -> dict:
         "tokens_per_s": main["tokens_per_s"],
         "mfu": main["mfu"],
         "peak_flops": peak,
+        "peak_flops_by_size": {str(s): f for s, f in peak_by_size.items()},
         "precision": args.precision,
         "batch_size": args.batch_size,
         "grad_accum": args.grad_accum,

@@ -33,8 +33,8 @@ def resolve_data_dir(data: str, vocab_size: int = 2048) -> Path:
     if not path.exists():
         raise DataError(f"--data {data}: no such directory; use builtin, tinystories, or a dir made by nanomoe prepare")
     if not (path / "meta.json").is_file():
-        visible = [p.name for p in path.iterdir() if not p.name.startswith(".")] if path.is_dir() else ["?"]
-        if not visible or {"train.bin", "val.bin", "tokenizer.json"} & set(visible):
+        names = {p.name for p in path.iterdir() if not p.name.startswith(".")} if path.is_dir() else None
+        if names is not None and (not names or names & {"train.bin", "val.bin", "tokenizer.json"}):
             # empty, or outputs without meta.json: an interrupted prepare, whose data is not trusted
             raise DataError(
                 f"--data {data} holds no complete prepared data (no meta.json: an interrupted `nanomoe prepare`?). "
