@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .model import GPT, apply_rope
+from .native import native_decode_step
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
@@ -239,7 +240,11 @@ class Decoder:
         self.pad_B = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         self.next_slot = 0
         self._slot = torch.zeros(1, dtype=torch.long, device=weight.device)  # reused: no tensor built per token
-        self.compiled = compile and not cfg.is_moe
+        # compile=True: the native C++ step where the model qualifies (nanomoe/native.py), else
+        # torch.compile; MoE models stay eager
+        self._native = native_decode_step(model, self.cache) if compile and not cfg.is_moe else None
+        self.backend = "native" if self._native else "compiled" if compile and not cfg.is_moe else "eager"
+        self.compiled = self.backend == "compiled"
         self._step = compiled_decode_step() if self.compiled else _decode_step
 
     @property
@@ -278,6 +283,10 @@ class Decoder:
         """Feed one token per row (B,); return the logits (B, V) for the next one and the experts."""
         if self.next_slot >= self.max_len:
             raise ConfigError(f"the cache holds {self.max_len} positions and is full")
+        if self._native is not None:
+            logits, experts = self._native(tokens_B, self.next_slot, self.pad_B), []
+            self.next_slot += 1
+            return logits, experts
         self.cache.write_slots = self._slot.fill_(self.next_slot)
         logits, experts = self._step(self.model, tokens_B, self.cache, self.pad_B, self._span())
         self.next_slot += 1

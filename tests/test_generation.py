@@ -238,8 +238,14 @@ def test_stop_strings_cut_the_text_before_them(tokenizer):
 # The compiled decode step
 
 
+@pytest.fixture
+def torch_compile(monkeypatch):
+    """compile=True through torch.compile, not the native step (tests/test_native_decode.py has that)."""
+    monkeypatch.setenv("NANOMOE_NATIVE_DECODE", "0")
+
+
 @pytest.mark.slow
-def test_compiled_decoding_gives_the_same_tokens():
+def test_compiled_decoding_gives_the_same_tokens(torch_compile):
     model = make_model("dense", n_layer=1)
     for prompts in ([[1, 2, 3, 4], [5, 6]], [[7, 8, 9]]):  # batched (attention kernel) and one row (fused loops)
         eager = generate_batch(model, prompts, 12, temperature=0)
@@ -254,7 +260,7 @@ def test_compiled_decoding_gives_the_same_tokens():
 
 
 @pytest.mark.slow
-def test_attention_span_grows_with_the_cache_and_changes_no_token():
+def test_attention_span_grows_with_the_cache_and_changes_no_token(torch_compile):
     model = make_model("dense", n_layer=1, block_size=128)
     decoder = Decoder(model, batch_size=2, max_len=128)
     with torch.inference_mode():
