@@ -16,15 +16,25 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
 using at::Tensor;
+
+// Batch sizes from which weights are repacked for the batched kernel (below it, matrix-vector).
+int64_t PACK_MIN_BATCH = 2;
+// and from which the packed weights go through AMX tiles (where the CPU has them)
+int64_t AMX_MIN_BATCH = 8;
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
@@ -110,6 +120,34 @@ inline void dot4(const uint16_t* x, const uint16_t* const w[4], int64_t K, float
 #endif
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NANOMOE_VECTOR_ATTENTION 1
+// e^x, 16 lanes: 2^n e^r with |r| <= ln2/2 and a degree-6 Taylor polynomial (relative error
+// ~1e-7); inputs clamped to where fp32 e^x is finite and normal.
+inline __m512 exp_vec(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {  // bf16 -> fp32 is a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+#endif
+
 // Y (B, N) = X (B, K) W^T (+ bias) (+ Y if accumulate), W (N, K) row-major as nn.Linear stores it.
 // Threads split the output rows; each block of four weight rows serves every input row while it
 // sits in L1.
@@ -134,6 +172,189 @@ void linear(const T* X, const T* W, const float* bias, float* Y, int64_t B, int6
   });
 }
 
+#if defined(__AVX512BF16__)
+// Batched steps: a matrix-vector loop re-reads every weight row for each input row and reduces
+// each dot product across a vector's lanes. Instead the bf16 weights are repacked once into the
+// layout vdpbf16ps multiplies (blocks of 32 output rows; per pair of inputs k, 32 rows x 2), so
+// one instruction adds 16 rows' products for one input row, with no horizontal sums, and a block
+// of up to 8 input rows shares every weight load.
+constexpr int64_t PACK_ROWS = 32;
+constexpr int PACK_MAX_BATCH = 8;
+
+Tensor pack_pairs(const Tensor& W) {
+  const int64_t N = W.size(0), K = W.size(1), blocks = (N + PACK_ROWS - 1) / PACK_ROWS;
+  Tensor P = torch::zeros({blocks, K / 2, PACK_ROWS, 2}, torch::kBFloat16);
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data_ptr());
+  uint16_t* p = reinterpret_cast<uint16_t*>(P.data_ptr());
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t blk = n / PACK_ROWS, j = n % PACK_ROWS;
+    for (int64_t k = 0; k < K; ++k) p[((blk * (K / 2) + k / 2) * PACK_ROWS + j) * 2 + k % 2] = w[n * K + k];
+  }
+  return P;
+}
+
+template <int R>
+void packed_block(const uint16_t* X, int64_t K, const uint16_t* P, const float* bias, float* Y, int64_t N,
+                  int64_t n0, bool accumulate) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K / 2; ++kp) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(P + kp * 2 * PACK_ROWS);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(P + kp * 2 * PACK_ROWS + PACK_ROWS);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, X + r * K + 2 * kp, 4);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+    }
+  }
+  for (int v = 0; v < 2; ++v) {
+    const int64_t n = n0 + v * 16;
+    if (n >= N) break;
+    const __mmask16 m = N - n >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - n)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + n) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      float* y = Y + r * N + n;
+      __m512 val = _mm512_add_ps(acc[r][v], b);
+      if (accumulate) val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(m, y));
+      _mm512_mask_storeu_ps(y, m, val);
+    }
+  }
+}
+
+// Y (B, N) = X (B, K) W^T (+ bias) (+ Y if accumulate) with W packed by pack_pairs (K even).
+void linear_packed(const uint16_t* X, const Tensor& P, const float* bias, float* Y, int64_t B, int64_t K, int64_t N,
+                   bool accumulate) {
+  const int64_t blocks = P.size(0), chunks = (B + PACK_MAX_BATCH - 1) / PACK_MAX_BATCH;
+  const uint16_t* packed = reinterpret_cast<const uint16_t*>(P.data_ptr());
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {  // consecutive items share a weight block
+      const int64_t blk = item / chunks, b0 = (item % chunks) * PACK_MAX_BATCH;
+      const int64_t rows = std::min<int64_t>(PACK_MAX_BATCH, B - b0);
+      const uint16_t* p = packed + blk * (K / 2) * PACK_ROWS * 2;
+      const uint16_t* x = X + b0 * K;
+      float* y = Y + b0 * N;
+      const int64_t n0 = blk * PACK_ROWS;
+      switch (rows) {
+        case 1: packed_block<1>(x, K, p, bias, y, N, n0, accumulate); break;
+        case 2: packed_block<2>(x, K, p, bias, y, N, n0, accumulate); break;
+        case 3: packed_block<3>(x, K, p, bias, y, N, n0, accumulate); break;
+        case 4: packed_block<4>(x, K, p, bias, y, N, n0, accumulate); break;
+        case 5: packed_block<5>(x, K, p, bias, y, N, n0, accumulate); break;
+        case 6: packed_block<6>(x, K, p, bias, y, N, n0, accumulate); break;
+        case 7: packed_block<7>(x, K, p, bias, y, N, n0, accumulate); break;
+        default: packed_block<8>(x, K, p, bias, y, N, n0, accumulate); break;
+      }
+    }
+  });
+}
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define NANOMOE_AMX 1
+// Many rows (a batched step): AMX tile products, 16 rows x 32 inputs times 32 inputs x 16 outputs
+// per instruction, on the same packed weights (a 16-pair x 16-row half of a packed block is one
+// B tile with a 128-byte stride).
+bool amx_ready() {  // Linux hands out the tile registers per process, on request
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Y (B, N) = X W^T (+ bias) (+ Y if accumulate): X bf16 with rows padded with zeros to a multiple
+// of 32, K a multiple of 32, W packed by pack_pairs.
+void linear_amx(const uint16_t* X, const Tensor& P, const float* bias, float* Y, int64_t B, int64_t K, int64_t N,
+                bool accumulate) {
+  const int64_t blocks = P.size(0), row_pairs = (B + 31) / 32;
+  const uint16_t* packed = reinterpret_cast<const uint16_t*>(P.data_ptr());
+  at::parallel_for(0, blocks * row_pairs, 1, [&](int64_t begin, int64_t end) {
+    TileConfig cfg;  // tiles 0-3: C (2 x 2 of 16 x 16 fp32); 4, 5: A (16 rows x 32); 6, 7: B
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    alignas(64) float c[4][16][16];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t blk = item / row_pairs, m0 = (item % row_pairs) * 32;
+      const uint16_t* p = packed + blk * (K / 2) * PACK_ROWS * 2;
+      const uint16_t* x = X + m0 * K;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        _tile_loadd(4, x + k0, K * 2);
+        _tile_loadd(5, x + 16 * K + k0, K * 2);
+        _tile_loadd(6, p + k0 * PACK_ROWS, PACK_ROWS * 4);
+        _tile_loadd(7, p + k0 * PACK_ROWS + PACK_ROWS, PACK_ROWS * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      for (int t = 0; t < 4; ++t) {
+        const int64_t n = blk * PACK_ROWS + (t % 2) * 16;
+        if (n >= N) continue;
+        const __mmask16 m = N - n >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - n)) - 1);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + n) : _mm512_setzero_ps();
+        for (int r = 0; r < 16; ++r) {
+          const int64_t row = m0 + (t / 2) * 16 + r;
+          if (row >= B) break;
+          float* y = Y + row * N + n;
+          __m512 val = _mm512_add_ps(_mm512_loadu_ps(c[t][r]), b);
+          if (accumulate) val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(m, y));
+          _mm512_mask_storeu_ps(y, m, val);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+// A weight matrix (N, K) as nn.Linear stores it, and its packed copy where the batched kernel applies.
+struct Matrix {
+  Tensor w, packed;
+  int64_t N = 0, K = 0;
+};
+
+Matrix make_matrix(const Tensor& w, bool pack) {
+  Matrix m;
+  m.w = w;
+  m.N = w.size(0);
+  m.K = w.size(1);
+#if defined(__AVX512BF16__)
+  if (pack && w.scalar_type() == torch::kBFloat16 && m.K % 2 == 0) m.packed = pack_pairs(w);
+#endif
+  return m;
+}
+
+template <typename T>
+void apply(const Matrix& m, const T* X, const float* bias, float* Y, int64_t B, bool accumulate) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+#if defined(NANOMOE_AMX)
+    if (m.packed.defined() && B >= AMX_MIN_BATCH && m.K % 32 == 0 && amx_ready()) {
+      return linear_amx(X, m.packed, bias, Y, B, m.K, m.N, accumulate);
+    }
+#endif
+    if (m.packed.defined()) return linear_packed(X, m.packed, bias, Y, B, m.K, m.N, accumulate);
+  }
+#endif
+  linear<T>(X, reinterpret_cast<const T*>(m.w.data_ptr()), bias, Y, B, m.K, m.N, accumulate);
+}
+
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
@@ -141,10 +362,102 @@ inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
 // Matrix inputs in the weights' type: bf16 weights take bf16 inputs (the dot-product instruction
 // multiplies bf16 pairs), fp32 weights the fp32 activations as they are.
-inline const float* as_input(const float* x, std::vector<float>&, int64_t) { return x; }
-inline const uint16_t* as_input(const float* x, std::vector<uint16_t>& buf, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = float_to_bf16(x[i]);
+// `padded` >= n: entries [n, padded) are zeroed (AMX tiles read rows in 32s past the batch).
+inline const float* as_input(const float* x, std::vector<float>&, int64_t, int64_t = 0) { return x; }
+inline const uint16_t* as_input(const float* x, std::vector<uint16_t>& buf, int64_t n, int64_t padded = 0) {
+  int64_t i = 0;
+  if (padded > n) std::fill(buf.begin() + n, buf.begin() + padded, 0);
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= n; i += 16) {  // round to nearest even, like float_to_bf16
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  }
+#endif
+  for (; i < n; ++i) buf[i] = float_to_bf16(x[i]);
   return buf.data();
+}
+
+// softmax(q k^T / sqrt(d)) v for one query (fp32, d) over keys/values [lo, hi] of one cache head
+// (rows of d in the cache's type); `q_in` is q in the cache's type (for the dot products), `sc` a
+// scratch row, `y` the output (d).
+template <typename T>
+void attend(const float* q, const T* q_in, const T* keys, const T* values, int64_t lo, int64_t hi, int64_t d,
+            float* sc, float* y) {
+  const float scale = 1.f / std::sqrt(float(d));
+  const int64_t n = hi - lo + 1;
+  float top = -INFINITY;
+#if defined(NANOMOE_VECTOR_ATTENTION)
+  for (int64_t s = 0; s < n; s += 4) {  // four keys per pass: the matrix-vector kernel's dot products
+    const int64_t rows = std::min<int64_t>(4, n - s);
+    const T* w[4];
+    for (int r = 0; r < 4; ++r) w[r] = keys + (lo + s + std::min<int64_t>(r, rows - 1)) * d;
+    float out[4];
+    dot4(q_in, w, d, out);
+    for (int64_t r = 0; r < rows; ++r) top = std::max(top, sc[s + r] = out[r] * scale);
+  }
+  __m512 total_v = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 m = tail_mask(n - s);
+    const __m512 e = exp_vec(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + s), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(sc + s, m, e);
+    total_v = _mm512_add_ps(total_v, _mm512_maskz_mov_ps(m, e));
+  }
+  const __m512 inv_total = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total_v));
+  for (int64_t i = 0; i < d; i += 16) {  // y = sum_s p_s v_s, 16 lanes of the head at a time
+    const __mmask16 m = tail_mask(d - i);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; ++s) acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[s]), load16(values + (lo + s) * d + i, m), acc);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(acc, inv_total));
+  }
+#else
+  (void)q_in;
+  for (int64_t s = 0; s < n; ++s) {
+    float dot = 0.f;
+    for (int64_t i = 0; i < d; ++i) dot += q[i] * load(keys, (lo + s) * d + i);
+    top = std::max(top, sc[s] = dot * scale);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < n; ++s) total += (sc[s] = std::exp(sc[s] - top));
+  std::fill(y, y + d, 0.f);
+  for (int64_t s = 0; s < n; ++s) {
+    const float p = sc[s] / total;
+    for (int64_t i = 0; i < d; ++i) y[i] += p * load(values, (lo + s) * d + i);
+  }
+#endif
+}
+
+// The feed-forward's hidden activation of one row: f holds [gate | up] for swiglu (kind 2), the
+// pre-activation for gelu (tanh approximation, kind 1) or relu (kind 0); a gets F values.
+void activation(const float* f, float* a, int64_t F, int kind) {
+  int64_t j = 0;
+#if defined(NANOMOE_VECTOR_ATTENTION)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; j + 16 <= F; j += 16) {
+    const __m512 v = _mm512_loadu_ps(f + j);
+    __m512 out;
+    if (kind == 2) {  // silu(gate) * up = gate / (1 + e^-gate) * up
+      out = _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(one, exp_vec(_mm512_sub_ps(_mm512_setzero_ps(), v)))),
+                          _mm512_loadu_ps(f + F + j));
+    } else if (kind == 1) {  // 0.5 v (1 + tanh(z)) = v (1 - 1 / (e^2z + 1))
+      const __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                     _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), _mm512_mul_ps(v, _mm512_mul_ps(v, v)), v));
+      const __m512 e2z = exp_vec(_mm512_add_ps(z, z));
+      out = _mm512_mul_ps(v, _mm512_sub_ps(one, _mm512_div_ps(one, _mm512_add_ps(e2z, one))));
+    } else {
+      out = _mm512_max_ps(v, _mm512_setzero_ps());
+    }
+    _mm512_storeu_ps(a + j, out);
+  }
+#endif
+  for (; j < F; ++j) {
+    const float v = f[j];
+    if (kind == 2) {
+      a[j] = v / (1.f + std::exp(-v)) * f[F + j];
+    } else if (kind == 1) {
+      a[j] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    } else {
+      a[j] = std::max(v, 0.f);
+    }
+  }
 }
 
 // Absent parts (no bias, no learned positions, ...) come from Python as empty tensors.
@@ -157,8 +470,9 @@ Tensor fp32_copy(const Tensor& t) {
 const float* ptr_or_null(const Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
 
 struct Layer {
-  Tensor attn_norm_w, attn_norm_b, qkv_w, qkv_b, proj_w, proj_b;
-  Tensor ffn_norm_w, ffn_norm_b, fc_w, fc_b, out_w, out_b;
+  Matrix qkv, proj, fc, out;
+  Tensor attn_norm_w, attn_norm_b, qkv_b, proj_b;
+  Tensor ffn_norm_w, ffn_norm_b, fc_b, out_b;
   Tensor k_cache, v_cache;  // (B, Hkv, S, d), the Python decoder's own buffers
 };
 
@@ -199,17 +513,18 @@ class DecodeStep {
     }
     tok_emb_ = matrices[0];
     pos_emb_ = matrices[1];
-    lm_head_ = matrices[2];
+    const bool pack = B_ >= PACK_MIN_BATCH;
+    lm_head_ = make_matrix(matrices[2], pack);
     final_norm_w_ = fp32_copy(vectors[0]);
     final_norm_b_ = fp32_copy(vectors[1]);
     rope_cos_ = fp32_copy(vectors[2]);
     rope_sin_ = fp32_copy(vectors[3]);
     for (int64_t l = 0; l < L_; ++l) {
       Layer layer;
-      layer.qkv_w = matrices[3 + 4 * l];
-      layer.proj_w = matrices[4 + 4 * l];
-      layer.fc_w = matrices[5 + 4 * l];
-      layer.out_w = matrices[6 + 4 * l];
+      layer.qkv = make_matrix(matrices[3 + 4 * l], pack);
+      layer.proj = make_matrix(matrices[4 + 4 * l], pack);
+      layer.fc = make_matrix(matrices[5 + 4 * l], pack);
+      layer.out = make_matrix(matrices[6 + 4 * l], pack);
       const auto* v = &vectors[4 + 8 * l];
       layer.attn_norm_w = fp32_copy(v[0]);
       layer.attn_norm_b = fp32_copy(v[1]);
@@ -233,7 +548,9 @@ class DecodeStep {
     scores_.resize(B_ * Hq_ * S_);
     const int64_t widest = std::max({D_, F_, Hq_ * d_});
     in_f32_.resize(bf16_ ? 0 : 1);
-    in_bf16_.resize(bf16_ ? B_ * widest : 0);
+    padded_rows_ = B_ >= AMX_MIN_BATCH ? (B_ + 31) / 32 * 32 : B_;  // AMX reads rows in 32s
+    in_bf16_.resize(bf16_ ? padded_rows_ * widest : 0);
+    q_bf16_.resize(bf16_ ? B_ * qkv : 0);
   }
 
   // tokens (B,) int64, each row's new token; slot: the cache slot it is written to; pad (B,) int64:
@@ -253,9 +570,9 @@ class DecodeStep {
     }
     auto logits = torch::empty({B_, V_}, torch::kFloat32);
     if (bf16_) {
-      run<uint16_t>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), in_bf16_);
+      run<uint16_t>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), in_bf16_, q_bf16_);
     } else {
-      run<float>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), in_f32_);
+      run<float>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), in_f32_, in_f32_);
     }
     return logits;
   }
@@ -264,6 +581,12 @@ class DecodeStep {
   template <typename T>
   static const T* data(const Tensor& t) {
     return reinterpret_cast<const T*>(t.data_ptr());
+  }
+
+  // B rows of K activations as a matrix product's input
+  template <typename T>
+  const T* input(const float* x, std::vector<T>& buf, int64_t K) const {
+    return as_input(x, buf, B_ * K, padded_rows_ * K);
   }
 
   void norm(const float* x, const Tensor& w, const Tensor& b, float* y) const {
@@ -299,7 +622,7 @@ class DecodeStep {
 
   template <typename T>
   void run(const int64_t* tok, const int64_t* pad, const int64_t* pos, int64_t slot, float* logits,
-           std::vector<T>& in) {
+           std::vector<T>& in, std::vector<T>& in_q) {
     const int64_t qkv_n = (Hq_ + 2 * Hkv_) * d_, G = Hq_ / Hkv_;
     const T* tok_emb = data<T>(tok_emb_);
     for (int64_t b = 0; b < B_; ++b) {
@@ -312,8 +635,7 @@ class DecodeStep {
     for (const Layer& layer : layers_) {
       // attention: x += proj(attend(qkv(norm(x))))
       norm(x_.data(), layer.attn_norm_w, layer.attn_norm_b, h_.data());
-      linear<T>(as_input(h_.data(), in, B_ * D_), data<T>(layer.qkv_w), ptr_or_null(layer.qkv_b), qkv_.data(), B_, D_,
-                qkv_n, false);
+      apply<T>(layer.qkv, input(h_.data(), in, D_), ptr_or_null(layer.qkv_b), qkv_.data(), B_, false);
       T* kc = reinterpret_cast<T*>(layer.k_cache.data_ptr());
       T* vc = reinterpret_cast<T*>(layer.v_cache.data_ptr());
       for (int64_t b = 0; b < B_; ++b) {
@@ -329,71 +651,40 @@ class DecodeStep {
           }
         }
       }
-      const float scale = 1.f / std::sqrt(float(d_));
+      const T* q_in = as_input(qkv_.data(), in_q, B_ * qkv_n);  // (only the query part is read)
       at::parallel_for(0, B_ * Hq_, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {  // one (row, query head) at a time
           const int64_t b = bh / Hq_, hq = bh % Hq_, h = hq / G;
-          const float* q = qkv_.data() + b * qkv_n + hq * d_;
-          const T* keys = kc + (b * Hkv_ + h) * S_ * d_;
-          const T* values = vc + (b * Hkv_ + h) * S_ * d_;
-          float* sc = scores_.data() + bh * S_;
-          float top = -INFINITY;
-          for (int64_t s = pad[b]; s <= slot; ++s) {  // this row's tokens, up to the new one
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < d_; ++i) dot += q[i] * load(keys, s * d_ + i);
-            sc[s] = dot * scale;
-            top = std::max(top, sc[s]);
-          }
-          float total = 0.f;
-          for (int64_t s = pad[b]; s <= slot; ++s) total += (sc[s] = std::exp(sc[s] - top));
-          float* y = att_.data() + b * Hq_ * d_ + hq * d_;
-          std::fill(y, y + d_, 0.f);
-          for (int64_t s = pad[b]; s <= slot; ++s) {
-            const float p = sc[s] / total;
-#pragma omp simd
-            for (int64_t i = 0; i < d_; ++i) y[i] += p * load(values, s * d_ + i);
-          }
+          const int64_t q_at = b * qkv_n + hq * d_, kv_at = (b * Hkv_ + h) * S_ * d_;
+          // this row's tokens, from its first prompt slot up to the new one
+          attend<T>(qkv_.data() + q_at, q_in + q_at, kc + kv_at, vc + kv_at, pad[b], slot, d_,
+                    scores_.data() + bh * S_, att_.data() + b * Hq_ * d_ + hq * d_);
         }
       });
-      linear<T>(as_input(att_.data(), in, B_ * Hq_ * d_), data<T>(layer.proj_w), ptr_or_null(layer.proj_b), x_.data(),
-                B_, Hq_ * d_, D_, true);
+      apply<T>(layer.proj, input(att_.data(), in, Hq_ * d_), ptr_or_null(layer.proj_b), x_.data(), B_, true);
 
       // feed-forward: x += out(act(fc(norm(x))))
       norm(x_.data(), layer.ffn_norm_w, layer.ffn_norm_b, h_.data());
       const int64_t fc_n = (ffn_ == 2 ? 2 : 1) * F_;
-      linear<T>(as_input(h_.data(), in, B_ * D_), data<T>(layer.fc_w), ptr_or_null(layer.fc_b), fc_.data(), B_, D_, fc_n,
-                false);
-      for (int64_t b = 0; b < B_; ++b) {
-        const float* f = fc_.data() + b * fc_n;
-        float* a = act_.data() + b * F_;
-        for (int64_t j = 0; j < F_; ++j) {
-          if (ffn_ == 2) {  // [gate | up]: silu(gate) * up
-            const float g = f[j];
-            a[j] = g / (1.f + std::exp(-g)) * f[F_ + j];
-          } else if (ffn_ == 1) {  // gelu, tanh approximation
-            const float v = f[j];
-            a[j] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-          } else {
-            a[j] = std::max(f[j], 0.f);
-          }
-        }
-      }
-      linear<T>(as_input(act_.data(), in, B_ * F_), data<T>(layer.out_w), ptr_or_null(layer.out_b), x_.data(), B_, F_,
-                D_, true);
+      apply<T>(layer.fc, input(h_.data(), in, D_), ptr_or_null(layer.fc_b), fc_.data(), B_, false);
+      at::parallel_for(0, B_, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) activation(fc_.data() + b * fc_n, act_.data() + b * F_, F_, ffn_);
+      });
+      apply<T>(layer.out, input(act_.data(), in, F_), ptr_or_null(layer.out_b), x_.data(), B_, true);
     }
     norm(x_.data(), final_norm_w_, final_norm_b_, h_.data());
-    linear<T>(as_input(h_.data(), in, B_ * D_), data<T>(lm_head_), nullptr, logits, B_, D_, V_, false);
+    apply<T>(lm_head_, input(h_.data(), in, D_), nullptr, logits, B_, false);
   }
 
-  int64_t L_, D_, Hq_, Hkv_, d_, F_, V_, block_, B_, S_;
+  int64_t L_, D_, Hq_, Hkv_, d_, F_, V_, block_, B_, S_, padded_rows_;
   bool rmsnorm_, rope_, bf16_;
   int ffn_;
   float eps_;
-  Tensor tok_emb_, pos_emb_, lm_head_, final_norm_w_, final_norm_b_, rope_cos_, rope_sin_;
+  Matrix lm_head_;
+  Tensor tok_emb_, pos_emb_, final_norm_w_, final_norm_b_, rope_cos_, rope_sin_;
   std::vector<Layer> layers_;
   std::vector<float> x_, h_, qkv_, att_, fc_, act_, scores_, in_f32_;
-  std::vector<uint16_t> in_bf16_;
+  std::vector<uint16_t> in_bf16_, q_bf16_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -401,6 +692,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<int64_t>,
                     std::vector<std::string>, double>())
       .def("step", &DecodeStep::step, py::call_guard<py::gil_scoped_release>());
+  m.def("set_pack_min_batch", [](int64_t b) { PACK_MIN_BATCH = b; });
+  m.def("set_amx_min_batch", [](int64_t b) { AMX_MIN_BATCH = b; });
   m.def("has_avx512_bf16", []() {
 #if defined(__AVX512BF16__)
     return true;
