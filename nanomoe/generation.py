@@ -6,8 +6,9 @@ Layers, from the bottom up:
 - `Decoder`: incremental decoding with a static KV cache. Prompts are left-padded into one batch;
   every row has its own positions and an attention mask that hides its padding, so a short prompt
   gives the same tokens whether it is alone or batched with longer ones. The one-token decode step
-  has fixed shapes at every position (the cache is written at a tensor slot and read whole), so
-  `torch.compile` builds it once and reuses it for every token.
+  has fixed shapes at every position (the cache is written at a tensor slot), so `torch.compile`
+  builds it once and reuses it for every token; dense models on the CPU run it as one C++ call
+  instead (nanomoe/native.py).
 - `stream`: the token loop, one `Step` per new token position, with early stop per row.
 - `generate` (what `GPT.generate` calls) returns a (B, T + new) tensor; `generate_batch` takes
   prompts of different lengths and returns each row's new tokens; `stream_text` adds incremental
@@ -219,14 +220,22 @@ class Decoder:
         logits_BV, experts = dec.step(logits_BV.argmax(-1))      # one new token per row
 
     `experts` holds, per MoE layer, the experts each row's token went to: (B, K) after a step,
-    (B, T, K) after prefill (padding included). With compile=True the one-token step of a dense
-    model runs under torch.compile (the first step pays the compile time). MoE models always
-    decode eagerly (`self.compiled` is False): their dispatch sizes its buffers by how many tokens
-    each expert got, which breaks the compiled graph at every layer and made decoding ~5x slower
-    than eager. Run it under torch.inference_mode().
+    (B, T, K) after prefill (padding included). The prompt always runs through the model itself;
+    with compile=True the one-token steps of a dense model run compiled, `self.backend` says how:
+
+    - "native": one C++ call per token (nanomoe/native.py: CPU, fp32 or bf16 weights; built once
+      per machine). It reads the model's weights as they are when the decoder is built: build a new
+      decoder after changing them.
+    - "compiled": `torch.compile` of `_decode_step` (native=False, or where the native step does not
+      apply or cannot be built); the first step pays the compile time.
+    - "eager": compile=False, and MoE models always (`self.compiled` is False): their dispatch
+      sizes its buffers by how many tokens each expert got, which breaks the compiled graph at
+      every layer and made decoding ~5x slower than eager.
+
+    Run it under torch.inference_mode().
     """
 
-    def __init__(self, model: GPT, batch_size: int, max_len: int, *, compile: bool = False):
+    def __init__(self, model: GPT, batch_size: int, max_len: int, *, compile: bool = False, native: bool = True):
         cfg = model.config
         if max_len > cfg.block_size:
             raise ConfigError(
@@ -240,9 +249,9 @@ class Decoder:
         self.pad_B = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         self.next_slot = 0
         self._slot = torch.zeros(1, dtype=torch.long, device=weight.device)  # reused: no tensor built per token
-        # compile=True: the native C++ step where the model qualifies (nanomoe/native.py), else
-        # torch.compile; MoE models stay eager
-        self._native = native_decode_step(model, self.cache) if compile and not cfg.is_moe else None
+        # compile=True: the native C++ step where the model qualifies (nanomoe/native.py) unless
+        # native=False, else torch.compile; MoE models stay eager
+        self._native = native_decode_step(model, self.cache) if compile and native and not cfg.is_moe else None
         self.backend = "native" if self._native else "compiled" if compile and not cfg.is_moe else "eager"
         self.compiled = self.backend == "compiled"
         self._step = compiled_decode_step() if self.compiled else _decode_step

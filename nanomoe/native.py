@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -43,6 +44,24 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__}".encode()).hexdigest()[:10]
 
 
+def _put_ninja_on_path() -> None:
+    """torch builds extensions with the `ninja` command; the pip package (a dependency) installs it
+    next to this interpreter, which is not on PATH when a virtual environment is not activated."""
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for directory in candidates:
+        if (directory / "ninja").exists():
+            os.environ["PATH"] = f"{directory}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
 def load_extension():
     """The compiled module, building it on first use; None (and a warning, once) if it cannot be built."""
     global _module, _build_error
@@ -51,6 +70,7 @@ def load_extension():
     try:
         from torch.utils import cpp_extension
 
+        _put_ninja_on_path()
         name = f"nanomoe_decode_step_{_cpu_tag()}"
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not any(build_dir.glob("*.so")):

@@ -3,11 +3,13 @@
 Three measurements, each a full `generate_batch` call (prompt, then `--new-tokens` greedy tokens,
 no early stop) timed end to end:
 
-- batch 1 with the static KV cache (the fast path: compiled decode step unless --no-compile),
+- batch 1 with the static KV cache (the fast path: the native C++ step for a dense model on the
+  CPU, else torch.compile; eager with --no-compile),
 - batch 1 without a cache (every token reruns the whole sequence: the baseline the cache beats),
 - `--batch-size` rows (32) with the cache: batched throughput, new tokens of all rows per second.
 
-Compile time is measured apart (the first call pays it) and never counted in tokens/s. The weights
+Compile time is measured apart (the first call pays it) and never counted in tokens/s. When the
+native step applies, the same cases also run through torch.compile (`*_torch_compile` keys). The weights
 are random unless --checkpoint is given: speed does not depend on their values. Run it on a quiet
 machine; each number is the median of --repeats runs, the candidates interleaved.
 """
@@ -51,7 +53,7 @@ def load_model(args):
 
 def run(args) -> dict:
     from ..errors import ConfigError
-    from ..generation import generate_batch
+    from ..generation import Decoder, cache_length, generate_batch
     from .timing import _cpu_ticks, _foreign_ticks
 
     for flag in ("new_tokens", "prompt_tokens", "batch_size", "repeats"):
@@ -72,23 +74,33 @@ def run(args) -> dict:
         compile: bool = False
         temperature: float = 0.0  # greedy unless said otherwise
         top_p: float | None = None
+        native: bool = True  # False: torch.compile even where the native step applies
 
         def __call__(self) -> float:
-            """Seconds for one generate_batch call."""
+            """Seconds for one generate_batch call (and building its decoder, as generate_batch does)."""
             t0 = time.perf_counter()
+            decoder = None
+            if self.use_cache:
+                max_len = cache_length(len(prompt) + n_new, cfg.block_size)
+                decoder = Decoder(model, self.batch_size, max_len, compile=self.compile, native=self.native)
             out = generate_batch(model, [prompt] * self.batch_size, n_new, temperature=self.temperature,
-                                 top_p=self.top_p, use_cache=self.use_cache, compile=self.compile, seed=0)
+                                 top_p=self.top_p, use_cache=self.use_cache, decoder=decoder, seed=0)
             seconds = time.perf_counter() - t0
             assert all(len(row) == n_new for row in out)  # no stop tokens: every row runs to the end
             return seconds
 
     batched = f"batch{args.batch_size}"
+    compiles = args.compile and not cfg.is_moe  # MoE models always decode eagerly
+    backend = Decoder(model, 1, 1, compile=args.compile).backend
     cases = {"batch1": Case(1, compile=args.compile)}
-    if args.compile and not model.config.is_moe:
+    if compiles:
         cases["batch1_eager"] = Case(1)
     cases["batch1_nocache"] = Case(1, use_cache=False)
     cases[batched] = Case(args.batch_size, compile=args.compile)
     cases["batch1_sampled"] = Case(1, compile=args.compile, temperature=1.0, top_p=0.9)
+    if backend == "native":  # what torch.compile reaches on the same model, for comparison
+        cases["batch1_torch_compile"] = Case(1, compile=True, native=False)
+        cases[f"{batched}_torch_compile"] = Case(args.batch_size, compile=True, native=False)
 
     first_call = {name: case() for name, case in cases.items()}  # warm-up; a compiled case compiles here
     samples: dict[str, list[float]] = {name: [] for name in cases}
@@ -110,7 +122,8 @@ def run(args) -> dict:
         "n_params": model.num_params(),
         "dtype": str(model.tok_emb.weight.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
-        "compile": args.compile and not model.config.is_moe,  # MoE models always decode eagerly
+        "compile": compiles,
+        "backend": backend,  # native (C++ step), compiled (torch.compile) or eager
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": n_new,
         "batch_size": args.batch_size,
@@ -120,9 +133,13 @@ def run(args) -> dict:
         f"tokens_per_s_{batched}": tokens_per_s(batched),
         "tokens_per_s_batch1_sampled": tokens_per_s("batch1_sampled"),
     }
-    if args.compile and not model.config.is_moe:
+    if compiles:
         report["tokens_per_s_batch1_eager"] = tokens_per_s("batch1_eager")
-        report["compile_seconds"] = {n: max(0.0, first_call[n] - steady[n]) for n in ("batch1", batched)}
+        compiled = [n for n in cases if n in ("batch1", batched) or n.endswith("_torch_compile")]
+        report["compile_seconds"] = {n: max(0.0, first_call[n] - steady[n]) for n in compiled}
+    for name in cases:
+        if name.endswith("_torch_compile"):
+            report[f"tokens_per_s_{name}"] = tokens_per_s(name)
     report["seconds"] = steady
     return report
 
@@ -140,7 +157,7 @@ def cmd_bench_generate(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"model {report['model']} ({report['n_params'] / 1e6:.2f}M parameters, {report['dtype']}, "
-          f"{report['threads']} threads, compile={'on' if report['compile'] else 'off'}), "
+          f"{report['threads']} threads, decode step: {report['backend']}), "
           f"{report['prompt_tokens']}-token prompt + {report['new_tokens']} new tokens, greedy")
     b = args.batch_size
     rows = [
@@ -149,6 +166,8 @@ def cmd_bench_generate(args) -> int:
         ("batch 1, no cache", report["tokens_per_s_batch1_nocache"]),
         (f"batch {b}, KV cache", report[f"tokens_per_s_batch{b}"]),
         ("batch 1, sampled (T=1, top-p 0.9)", report["tokens_per_s_batch1_sampled"]),
+        ("batch 1, torch.compile instead", report.get("tokens_per_s_batch1_torch_compile")),
+        (f"batch {b}, torch.compile instead", report.get(f"tokens_per_s_batch{b}_torch_compile")),
     ]
     for label, value in rows:
         if value is not None:

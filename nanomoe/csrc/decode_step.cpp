@@ -181,16 +181,14 @@ void linear(const T* X, const T* W, const float* bias, float* Y, int64_t B, int6
 constexpr int64_t PACK_ROWS = 32;
 constexpr int PACK_MAX_BATCH = 8;
 
-Tensor pack_pairs(const Tensor& W) {
+Tensor pack_pairs(const Tensor& W) {  // P[block][k / 2][row in block][k % 2] = W[block * 32 + row][k]
   const int64_t N = W.size(0), K = W.size(1), blocks = (N + PACK_ROWS - 1) / PACK_ROWS;
-  Tensor P = torch::zeros({blocks, K / 2, PACK_ROWS, 2}, torch::kBFloat16);
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data_ptr());
-  uint16_t* p = reinterpret_cast<uint16_t*>(P.data_ptr());
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t blk = n / PACK_ROWS, j = n % PACK_ROWS;
-    for (int64_t k = 0; k < K; ++k) p[((blk * (K / 2) + k / 2) * PACK_ROWS + j) * 2 + k % 2] = w[n * K + k];
+  Tensor padded = W;
+  if (blocks * PACK_ROWS != N) {
+    padded = torch::zeros({blocks * PACK_ROWS, K}, W.options());
+    padded.narrow(0, 0, N).copy_(W);
   }
-  return P;
+  return padded.view({blocks, PACK_ROWS, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
 template <int R>
