@@ -22,8 +22,9 @@ def add_model_args(p) -> None:
                    help="weights and KV cache: fp32 (default, exact) or bf16 (half the memory traffic; "
                         "pays off with --compile, eager one-row bf16 products are slow on CPUs)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step of a dense model: ~2-3x faster per token, but the "
-                        "first answer waits for the compilation (tens of seconds; cached on disk after)")
+                   help="compiled decode steps for a dense model: on the CPU a native C++ step (~8x eager at "
+                        "batch 1 in bf16; built once per machine, ~30 s), elsewhere torch.compile (the first "
+                        "answer waits for the compilation)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
 
 
@@ -57,7 +58,7 @@ def load_for_generation(args):
     if args.dtype == "bf16":
         ckpt.model.to(torch.bfloat16)
     if args.compile and ckpt.model_config.is_moe:
-        print("note: MoE models decode without torch.compile (--compile speeds up dense models)", file=sys.stderr)
+        print("note: MoE models decode eagerly (--compile speeds up dense models)", file=sys.stderr)
     return ckpt
 
 

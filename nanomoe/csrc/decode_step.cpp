@@ -474,8 +474,6 @@ struct Layer {
   Tensor k_cache, v_cache;  // (B, Hkv, S, d), the Python decoder's own buffers
 };
 
-}  // namespace
-
 // The decoder of one model, batch size and cache. Holds references to the model's matrices and
 // the cache buffers (no copies: bf16 weights stay bf16), and fp32 copies of the small vectors.
 class DecodeStep {
@@ -684,6 +682,8 @@ class DecodeStep {
   std::vector<float> x_, h_, qkv_, att_, fc_, act_, scores_, in_f32_;
   std::vector<uint16_t> in_bf16_, q_bf16_;
 };
+
+}  // namespace (internal linkage: two builds loaded in one process cannot interpose each other's code)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeStep>(m, "DecodeStep")
