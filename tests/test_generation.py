@@ -189,6 +189,30 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {0, 1, 2}
 
 
+def test_draws_follow_the_probabilities_and_never_pick_an_impossible_token():
+    from nanomoe.generation import _draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.3, 0.0, 0.15, 0.05, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.cat([_draw(probs, g) for _ in range(20000)]).flatten(), minlength=7)
+    freq = counts.float() / counts.sum()
+    assert counts[[0, 3, 6]].sum() == 0
+    assert torch.allclose(freq, probs[0], atol=0.015)
+
+
+def test_top_p_shortlist_samples_exactly_like_a_full_sort(monkeypatch):
+    import nanomoe.generation as generation
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 512) * 3  # peaked enough that the top 64 hold 0.9 in every row
+    full = []
+    for shortlist in (64, 10_000):  # 10_000 > vocabulary: always the full sort
+        monkeypatch.setattr(generation, "NUCLEUS_SHORTLIST", shortlist)
+        g = torch.Generator().manual_seed(5)
+        full.append([sample_next(logits, 1.0, top_p=0.9, generator=g).tolist() for _ in range(200)])
+    assert full[0] == full[1]
+
+
 def test_repetition_penalty_makes_seen_tokens_less_likely():
     logits = torch.tensor([[2.0, -1.0, 1.9, 0.5]])
     seen = torch.tensor([[True, True, False, False]])
