@@ -277,8 +277,8 @@ class Decoder:
         self.next_slot = 0
         self._slot = torch.zeros(1, dtype=torch.long, device=weight.device)  # reused: no tensor built per token
         # compile=True: the native C++ step where the model qualifies (nanomoe/native.py) unless
-        # native=False, else torch.compile; MoE models stay eager
-        self._native = native_decode_step(model, self.cache) if compile and native and not cfg.is_moe else None
+        # native=False, else torch.compile for dense models; MoE models otherwise stay eager
+        self._native = native_decode_step(model, self.cache) if compile and native else None
         self.backend = "native" if self._native else "compiled" if compile and not cfg.is_moe else "eager"
         self.compiled = self.backend == "compiled"
         self._step = compiled_decode_step() if self.compiled else _decode_step
@@ -320,7 +320,7 @@ class Decoder:
         if self.next_slot >= self.max_len:
             raise ConfigError(f"the cache holds {self.max_len} positions and is full")
         if self._native is not None:
-            logits, experts = self._native(tokens_B, self.next_slot, self.pad_B), []
+            logits, experts = self._native(tokens_B, self.next_slot, self.pad_B)
             self.next_slot += 1
             return logits, experts
         self.cache.write_slots = self._slot.fill_(self.next_slot)

@@ -1,7 +1,7 @@
-"""The native decode step: one C++ call per token for dense models on the CPU (csrc/decode_step.cpp).
+"""The native decode step: one C++ call per token on the CPU (csrc/decode_step.cpp), dense or MoE.
 
-`Decoder(compile=True)` uses it when the model qualifies (dense, CPU, fp32 or bf16 weights) and
-falls back to `torch.compile` otherwise. The extension is compiled with the machine's C++ compiler
+`Decoder(compile=True)` uses it when the model qualifies (CPU, fp32 or bf16 weights) and falls
+back to `torch.compile` (dense) or eager decoding (MoE) otherwise. The extension is compiled with the machine's C++ compiler
 on first use (about a minute, once: torch keeps the build under ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR) for the CPU it runs on (-march=native, so AVX512-BF16 dot products where the
 CPU has them). NANOMOE_NATIVE_DECODE=0 turns it off (then torch.compile decodes).
@@ -71,7 +71,10 @@ def load_extension():
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        name = f"nanomoe_decode_step_{_cpu_tag()}"
+        # one build per source version and kind of CPU: two checkouts (or a CI run next to a dev
+        # tree) sharing ~/.cache never load or rebuild each other's extension
+        source_hash = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:8]
+        name = f"nanomoe_decode_step_{_cpu_tag()}_{source_hash}"
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not any(build_dir.glob("*.so")):
             print("nanomoe: building the native decode step (once per machine, about a minute)...", file=sys.stderr)
@@ -88,10 +91,7 @@ def unsupported_reason(model) -> str | None:
     """Why `model` cannot decode natively, or None if it can."""
     if os.environ.get("NANOMOE_NATIVE_DECODE", "1") == "0":
         return "NANOMOE_NATIVE_DECODE=0"
-    cfg = model.config
     weight = model.tok_emb.weight
-    if cfg.is_moe:
-        return "MoE layers are not implemented in the native step"
     if weight.device.type != "cpu":
         return f"the model is on {weight.device.type}, the native step runs on the CPU"
     if weight.dtype not in (torch.float32, torch.bfloat16):
@@ -102,48 +102,60 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _empty() -> torch.Tensor:
-    return torch.empty(0)
+def _named(**tensors) -> dict[str, torch.Tensor]:
+    """The entries that exist (a model without biases has none to pass), detached."""
+    return {k: t.detach() for k, t in tensors.items() if t is not None}
 
 
-def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
-    return t.detach() if t is not None else _empty()
+def _layer_tensors(block, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict[str, torch.Tensor]:
+    attn = block.attn
+    entries = _named(attn_norm_w=block.attn_norm.weight, attn_norm_b=getattr(block.attn_norm, "bias", None),
+                     qkv_w=attn.qkv.weight, qkv_b=attn.qkv.bias, proj_w=attn.proj.weight, proj_b=attn.proj.bias,
+                     ffn_norm_w=block.ffn_norm.weight, ffn_norm_b=getattr(block.ffn_norm, "bias", None),
+                     k_cache=k_cache, v_cache=v_cache)
+    if not block.is_moe:
+        ffn = block.ffn
+        return entries | _named(fc_w=ffn.fc.weight, fc_b=ffn.fc.bias, out_w=ffn.proj.weight, out_b=ffn.proj.bias)
+    moe, experts = block.ffn, block.ffn.experts
+    shared = moe.shared_expert
+    # experts store (E, in, out) for x @ w; the kernels read nn.Linear's (out, in) rows: transposed copies
+    return entries | _named(
+        gate_w=moe.router.gate.weight, selection_bias=moe.router.selection_bias,
+        experts_in=experts.w_in.detach().transpose(1, 2).contiguous(), experts_in_b=experts.b_in,
+        experts_out=experts.w_out.detach().transpose(1, 2).contiguous(), experts_out_b=experts.b_out,
+        shared_fc_w=shared.fc.weight if shared is not None else None,
+        shared_fc_b=shared.fc.bias if shared is not None else None,
+        shared_out_w=shared.proj.weight if shared is not None else None,
+        shared_out_b=shared.proj.bias if shared is not None else None,
+    )
 
 
 class NativeDecodeStep:
-    """Callable (tokens_B, slot, pad_B) -> logits (B, V) fp32 over the decoder's StaticKVCache.
+    """Callable (tokens_B, slot, pad_B) -> (logits (B, V) fp32, [per MoE layer (B, K) expert ids]),
+    over the decoder's StaticKVCache.
 
-    Reads the model's weight matrices in place (a later change to them is seen) but copies the
-    norms, biases and rope tables when built: build a new one after training the model further.
+    Reads the model's weight matrices in place at batch 1 and keeps packed copies for batches (and
+    transposed copies of expert weights), and copies the norms, biases, router and rope tables:
+    build a new one after changing the model.
     """
 
     def __init__(self, module, model, cache):
         cfg = model.config
-        blocks = model.blocks
-        matrices = [model.tok_emb.weight, _or_empty(model.pos_emb.weight if model.pos_emb is not None else None),
-                    model.lm_head.weight]
-        vectors = [model.final_norm.weight, _or_empty(getattr(model.final_norm, "bias", None)),
-                   _or_empty(model.rope_cos if cfg.position == "rope" else None),
-                   _or_empty(model.rope_sin if cfg.position == "rope" else None)]
-        caches = []
-        for layer, block in enumerate(blocks):
-            attn, ffn = block.attn, block.ffn
-            matrices += [attn.qkv.weight, attn.proj.weight, ffn.fc.weight, ffn.proj.weight]
-            vectors += [block.attn_norm.weight, _or_empty(getattr(block.attn_norm, "bias", None)),
-                        _or_empty(attn.qkv.bias), _or_empty(attn.proj.bias),
-                        block.ffn_norm.weight, _or_empty(getattr(block.ffn_norm, "bias", None)),
-                        _or_empty(ffn.fc.bias), _or_empty(ffn.proj.bias)]
-            caches += [cache.k[layer], cache.v[layer]]
-        matrices = [m.detach() for m in matrices]
-        vectors = [v.detach() for v in vectors]
+        rope = cfg.position == "rope"
+        globals_ = _named(tok_emb=model.tok_emb.weight, lm_head=model.lm_head.weight,
+                          pos_emb=model.pos_emb.weight if model.pos_emb is not None else None,
+                          final_norm_w=model.final_norm.weight, final_norm_b=getattr(model.final_norm, "bias", None),
+                          rope_cos=model.rope_cos if rope else None, rope_sin=model.rope_sin if rope else None)
+        layers = [_layer_tensors(block, cache.k[i], cache.v[i]) for i, block in enumerate(model.blocks)]
         B, max_len = cache.k[0].shape[0], cache.max_len
-        dims = [cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size,
-                cfg.block_size, B, max_len]
-        self._step = module.DecodeStep(matrices, vectors, caches, dims, [cfg.norm, cfg.position, cfg.ffn],
+        dims = [cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size, cfg.block_size,
+                B, max_len, cfg.n_experts, cfg.top_k if cfg.is_moe else 0, cfg.expert_hidden if cfg.is_moe else 0]
+        self._step = module.DecodeStep(globals_, layers, dims, [cfg.norm, cfg.position, cfg.ffn, cfg.router],
                                        float(cfg.norm_eps))
 
-    def __call__(self, tokens_B: torch.Tensor, slot: int, pad_B: torch.Tensor) -> torch.Tensor:
-        return self._step.step(tokens_B, slot, pad_B)
+    def __call__(self, tokens_B: torch.Tensor, slot: int, pad_B: torch.Tensor):
+        logits, experts = self._step.step(tokens_B, slot, pad_B)
+        return logits, list(experts.unbind(0))
 
 
 def native_decode_step(model, cache) -> NativeDecodeStep | None:

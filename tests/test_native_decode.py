@@ -1,6 +1,7 @@
 """The native (C++) decode step: the same tokens and logits as the model's own forward pass, for
 every dense architecture it claims, batched or not, fp32 and bf16; and a clean fallback elsewhere."""
 
+import copy
 import shutil
 
 import pytest
@@ -15,20 +16,27 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g+
                                 reason="no C++ compiler to build the native decode step")
 
 ARCHITECTURES = {
-    "llama": dict(),  # debug preset: rope, rmsnorm, swiglu
-    "classic": dict(position="learned", norm="layernorm", ffn="relu", bias=True),
-    "gelu-gqa": dict(ffn="gelu", n_kv_head=2, norm="layernorm", bias=False),
-    "tied": dict(tie_embeddings=True, n_kv_head=1),
+    "llama": dict(n_experts=0),  # debug preset: rope, rmsnorm, swiglu
+    "classic": dict(n_experts=0, position="learned", norm="layernorm", ffn="relu", bias=True),
+    "gelu-gqa": dict(n_experts=0, ffn="gelu", n_kv_head=2, norm="layernorm", bias=False),
+    "tied": dict(n_experts=0, tie_embeddings=True, n_kv_head=1),
+    # MoE: the debug preset is rope, rmsnorm, swiglu, 4 experts, top-2 "topk" router
+    "mixtral": dict(),
+    "seed-moe": dict(position="learned", norm="layernorm", ffn="relu", bias=True, router="noisy_topk"),
+    "switch-shared": dict(ffn="gelu", router="switch", top_k=1, n_kv_head=2, n_shared_experts=2, moe_every=2),
+    "aux-free": dict(router_bias_update_rate=1e-3),
 }
 
 
-def make_dense(arch: str, **changes) -> GPT:
+def make_model(arch: str, **changes) -> GPT:
     torch.manual_seed(0)
-    model = GPT(get_preset("debug", n_experts=0, **{**ARCHITECTURES[arch], **changes})).eval()
+    model = GPT(get_preset("debug", **{**ARCHITECTURES[arch], **changes})).eval()
     with torch.no_grad():  # biases and norm weights away from their 0 / 1 init, so a wrong one shows
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+        for layer in model.moe_layers():  # a selection bias that changes which experts win
+            layer.router.selection_bias.copy_(torch.randn(layer.n_experts) * 0.05)
     return model
 
 
@@ -40,8 +48,8 @@ def extension():
 
 
 def decode_logits(model, prompts, n_steps, *, compile):
-    """Logits of prefill and of n_steps greedy steps (the tokens chosen from the eager logits, so both
-    decoders see the same inputs)."""
+    """Logits and experts of n_steps greedy steps, eager and the other decoder (the tokens chosen
+    from the eager logits, so both decoders see the same inputs)."""
     eager = Decoder(model, len(prompts), 64)
     other = Decoder(model, len(prompts), 64, compile=compile)
     out = []
@@ -50,9 +58,12 @@ def decode_logits(model, prompts, n_steps, *, compile):
         other.prefill(prompts)
         for _ in range(n_steps):
             tokens = ref.float().argmax(-1)
-            ref, _ = eager.step(tokens)
-            got, _ = other.step(tokens)
+            ref, ref_experts = eager.step(tokens)
+            got, got_experts = other.step(tokens)
             out.append((ref.float(), got.float()))
+            assert len(got_experts) == len(ref_experts)
+            for a, b in zip(ref_experts, got_experts):
+                assert torch.equal(a, b), "the native router chose other experts"
     return other, out
 
 
@@ -62,7 +73,7 @@ def test_native_step_matches_the_model_in_fp32(extension, arch, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # two threads split every product's rows and the attention heads
     try:
-        model = make_dense(arch)
+        model = make_model(arch)
         prompts = [[1, 2, 3, 4, 5], [6, 7], [8]]  # left padding of different lengths
         decoder, pairs = decode_logits(model, prompts, 12, compile=True)
         assert decoder.backend == "native"
@@ -75,23 +86,36 @@ def test_native_step_matches_the_model_in_fp32(extension, arch, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
 @pytest.mark.parametrize("batch", [1, 2, 9, 40])  # matrix-vector, packed AVX512-BF16, AMX tiles (one and two 32-row passes)
-def test_native_step_in_bf16_matches_the_bf16_model(extension, batch):
-    model = make_dense("llama", n_embd=64, n_head=4, n_kv_head=2).to(torch.bfloat16)  # K multiple of 32: AMX
+def test_native_step_in_bf16_tracks_the_same_weights_in_fp32(extension, arch, batch):
+    model = make_model(arch, n_kv_head=2).to(torch.bfloat16)  # n_embd 64, hidden 128: AMX tiles (K % 32 == 0)
+    reference = copy.deepcopy(model).float()  # the same (bf16) weights, fp32 arithmetic
     prompts = [[(7 * b + i) % 200 + 1 for i in range(1 + b % 5)] for b in range(batch)]
-    decoder, pairs = decode_logits(model, prompts, 6, compile=True)
+    exact = Decoder(reference, batch, 64)
+    decoder = Decoder(model, batch, 64, compile=True)
     assert decoder.backend == "native"
-    for ref, got in pairs:
-        # the native step keeps fp32 activations where the eager bf16 model rounds after every op:
-        # they differ by bf16 rounding, far less than the logits' spread (a wrong row or weight
-        # block gives differences of the order of the spread)
-        spread = ref.std().item()
-        assert (got - ref).abs().max().item() < 0.1 * spread
+    agree = total = 0
+    with torch.inference_mode():
+        ref, _ = exact.prefill(prompts)
+        decoder.prefill(prompts)
+        for _ in range(6):
+            tokens = ref.argmax(-1)
+            ref, ref_experts = exact.step(tokens)
+            got, got_experts = decoder.step(tokens)
+            # the native step keeps fp32 activations and rounds only the products' inputs to bf16:
+            # far less than the logits' spread (a wrong row or weight block is of its order)
+            assert (got - ref).abs().max().item() < 0.1 * ref.std().item()
+            for a, b in zip(ref_experts, got_experts):
+                agree += int((a == b).sum())
+                total += a.numel()
+    if total:  # rounding may flip a near-tie between two experts, rarely
+        assert agree >= 0.9 * total
 
 
 def test_native_step_reads_the_cache_the_prompt_filled_and_continues_it(extension):
     """Prefill through the model, then steps natively: the same as running the whole sequence."""
-    model = make_dense("classic")
+    model = make_model("classic")
     sequence = [3, 1, 4, 1, 5, 9, 2, 6]
     decoder = Decoder(model, 1, 32, compile=True)
     with torch.inference_mode():
@@ -103,7 +127,7 @@ def test_native_step_reads_the_cache_the_prompt_filled_and_continues_it(extensio
 
 
 def test_bad_inputs_raise_instead_of_reading_past_the_weights(extension):
-    model = make_dense("llama")
+    model = make_model("llama")
     decoder = Decoder(model, 1, 16, compile=True)
     with torch.inference_mode():
         decoder.prefill([[1, 2]])
@@ -115,14 +139,14 @@ def test_bad_inputs_raise_instead_of_reading_past_the_weights(extension):
 
 
 def test_models_the_native_step_does_not_cover_fall_back(monkeypatch):
-    moe = GPT(get_preset("debug")).eval()
-    assert native.unsupported_reason(moe) is not None
-    assert Decoder(moe, 1, 16, compile=True).backend == "eager"
-    dense = make_dense("llama")
+    dense, moe = make_model("llama"), make_model("mixtral")
+    assert Decoder(dense, 1, 16).backend == "eager"  # compile=False
     monkeypatch.setenv("NANOMOE_NATIVE_DECODE", "0")
     assert Decoder(dense, 1, 16, compile=True).backend == "compiled"
+    assert Decoder(moe, 1, 16, compile=True).backend == "eager"  # the graph breaks at every MoE layer
     monkeypatch.delenv("NANOMOE_NATIVE_DECODE")
-    assert Decoder(dense, 1, 16).backend == "eager"
-    mixed = make_dense("llama")
+    half = make_model("llama").to(torch.float16)
+    assert "float16" in native.unsupported_reason(half)
+    mixed = make_model("llama")
     mixed.lm_head.to(torch.bfloat16)
     assert "several dtypes" in native.unsupported_reason(mixed)

@@ -90,17 +90,18 @@ def run(args) -> dict:
             return seconds
 
     batched = f"batch{args.batch_size}"
-    compiles = args.compile and not cfg.is_moe  # MoE models always decode eagerly
     backend = Decoder(model, 1, 1, compile=args.compile).backend
     cases = {"batch1": Case(1, compile=args.compile)}
-    if compiles:
+    if backend != "eager":
         cases["batch1_eager"] = Case(1)
     cases["batch1_nocache"] = Case(1, use_cache=False)
     cases[batched] = Case(args.batch_size, compile=args.compile)
     cases["batch1_sampled"] = Case(1, compile=args.compile, temperature=1.0, top_p=0.9)
-    if backend == "native":  # what torch.compile reaches on the same model, for comparison
+    if backend == "native" and not cfg.is_moe:  # what torch.compile reaches on the same model, for comparison
         cases["batch1_torch_compile"] = Case(1, compile=True, native=False)
         cases[f"{batched}_torch_compile"] = Case(args.batch_size, compile=True, native=False)
+    elif backend == "native":  # MoE models decode eagerly without it
+        cases[f"{batched}_eager"] = Case(args.batch_size)
 
     first_call = {name: case() for name, case in cases.items()}  # warm-up; a compiled case compiles here
     samples: dict[str, list[float]] = {name: [] for name in cases}
@@ -122,7 +123,7 @@ def run(args) -> dict:
         "n_params": model.num_params(),
         "dtype": str(model.tok_emb.weight.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
-        "compile": compiles,
+        "compile": backend != "eager",
         "backend": backend,  # native (C++ step), compiled (torch.compile) or eager
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": n_new,
@@ -133,8 +134,10 @@ def run(args) -> dict:
         f"tokens_per_s_{batched}": tokens_per_s(batched),
         "tokens_per_s_batch1_sampled": tokens_per_s("batch1_sampled"),
     }
-    if compiles:
-        report["tokens_per_s_batch1_eager"] = tokens_per_s("batch1_eager")
+    for name in ("batch1_eager", f"{batched}_eager"):
+        if name in cases:
+            report[f"tokens_per_s_{name}"] = tokens_per_s(name)
+    if backend != "eager":
         compiled = [n for n in cases if n in ("batch1", batched) or n.endswith("_torch_compile")]
         report["compile_seconds"] = {n: max(0.0, first_call[n] - steady[n]) for n in compiled}
     for name in cases:
@@ -166,6 +169,7 @@ def cmd_bench_generate(args) -> int:
         ("batch 1, no cache", report["tokens_per_s_batch1_nocache"]),
         (f"batch {b}, KV cache", report[f"tokens_per_s_batch{b}"]),
         ("batch 1, sampled (T=1, top-p 0.9)", report["tokens_per_s_batch1_sampled"]),
+        (f"batch {b}, KV cache, eager", report.get(f"tokens_per_s_batch{b}_eager")),
         ("batch 1, torch.compile instead", report.get("tokens_per_s_batch1_torch_compile")),
         (f"batch {b}, torch.compile instead", report.get(f"tokens_per_s_batch{b}_torch_compile")),
     ]

@@ -15,7 +15,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -467,91 +469,134 @@ Tensor fp32_copy(const Tensor& t) {
 
 const float* ptr_or_null(const Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
 
+using Named = std::map<std::string, Tensor>;
+
+Tensor get(const Named& m, const char* key) {  // absent entries (no bias, dense layer, ...) are undefined
+  const auto it = m.find(key);
+  return it == m.end() ? Tensor() : it->second;
+}
+
+// A dense feed-forward (or the shared expert of an MoE layer): out(act(fc(x))).
+struct FeedForward {
+  Matrix fc, out;
+  Tensor fc_b, out_b;
+};
+
+// The routed experts of an MoE layer, each as its two matrices in nn.Linear's (out, in) layout.
+struct Experts {
+  Tensor gate, selection_bias;  // (E, D) and (E,), fp32: routing runs in fp32 as in the model
+  std::vector<Matrix> in, out;  // per expert: (H or 2H, D) and (D, H)
+  Tensor in_b, out_b;           // (E, H or 2H), (E, D) fp32, or undefined
+  bool has_shared = false;
+  FeedForward shared;
+};
+
 struct Layer {
-  Matrix qkv, proj, fc, out;
-  Tensor attn_norm_w, attn_norm_b, qkv_b, proj_b;
-  Tensor ffn_norm_w, ffn_norm_b, fc_b, out_b;
+  Matrix qkv, proj;
+  Tensor attn_norm_w, attn_norm_b, qkv_b, proj_b, ffn_norm_w, ffn_norm_b;
+  bool moe = false;
+  FeedForward ffn;  // dense layers
+  Experts experts;  // MoE layers
   Tensor k_cache, v_cache;  // (B, Hkv, S, d), the Python decoder's own buffers
 };
 
-// The decoder of one model, batch size and cache. Holds references to the model's matrices and
-// the cache buffers (no copies: bf16 weights stay bf16), and fp32 copies of the small vectors.
+// The decoder of one model, batch size and cache. Holds references to the model's matrices at one
+// row (packed copies for batches; transposed copies of expert weights) and the cache buffers, and
+// fp32 copies of the small vectors.
 class DecodeStep {
  public:
-  DecodeStep(std::vector<Tensor> matrices, std::vector<Tensor> vectors, std::vector<Tensor> caches,
-             std::vector<int64_t> dims, std::vector<std::string> kinds, double norm_eps) {
-    // dims: n_layer, n_embd, n_head, n_kv_head, head_dim, ffn_hidden, vocab, block_size, batch, max_len
-    TORCH_CHECK(dims.size() == 10, "decode_step: expected 10 dims");
-    L_ = dims[0]; D_ = dims[1]; Hq_ = dims[2]; Hkv_ = dims[3]; d_ = dims[4]; F_ = dims[5];
-    V_ = dims[6]; block_ = dims[7]; B_ = dims[8]; S_ = dims[9];
-    TORCH_CHECK(kinds.size() == 3, "decode_step: expected kinds norm, position, ffn");
+  // globals: tok_emb, lm_head, final_norm_w, and where the model has them pos_emb, final_norm_b,
+  // rope_cos, rope_sin. layers: per block the entries read in the constructor below.
+  // dims: n_embd, n_head, n_kv_head, head_dim, ffn_hidden, vocab, block_size, batch, max_len,
+  // n_experts, top_k, expert_hidden. kinds: norm, position, ffn, router.
+  DecodeStep(Named globals, std::vector<Named> layers, std::vector<int64_t> dims, std::vector<std::string> kinds,
+             double norm_eps) {
+    TORCH_CHECK(dims.size() == 12, "decode_step: expected 12 dims");
+    TORCH_CHECK(kinds.size() == 4, "decode_step: expected kinds norm, position, ffn, router");
+    D_ = dims[0]; Hq_ = dims[1]; Hkv_ = dims[2]; d_ = dims[3]; F_ = dims[4]; V_ = dims[5]; block_ = dims[6];
+    B_ = dims[7]; S_ = dims[8]; E_ = dims[9]; K_ = dims[10]; Fe_ = dims[11];
+    L_ = int64_t(layers.size());
     rmsnorm_ = kinds[0] == "rmsnorm";
     rope_ = kinds[1] == "rope";
     ffn_ = kinds[2] == "swiglu" ? 2 : kinds[2] == "gelu" ? 1 : 0;
+    router_ = kinds[3] == "noisy_topk" ? 2 : kinds[3] == "topk" ? 1 : 0;  // 0: switch
     eps_ = float(norm_eps);
-    // matrices: tok_emb, pos_emb (empty for rope), lm_head, then per layer qkv, proj, fc, out
-    TORCH_CHECK(matrices.size() == size_t(3 + 4 * L_), "decode_step: wrong number of matrices");
-    // vectors: final norm w, b, rope cos, sin, then per layer attn_norm w, b, qkv b, proj b,
-    // ffn_norm w, b, fc b, out b (empty tensors where the model has none)
-    TORCH_CHECK(vectors.size() == size_t(4 + 8 * L_), "decode_step: wrong number of vectors");
-    TORCH_CHECK(caches.size() == size_t(2 * L_), "decode_step: wrong number of cache buffers");
-    bf16_ = matrices[0].scalar_type() == torch::kBFloat16;
-    for (const auto& m : matrices) {
-      if (!present(m)) continue;
-      TORCH_CHECK(m.is_contiguous() && m.device().is_cpu(), "decode_step: matrices must be contiguous CPU tensors");
-      TORCH_CHECK(m.scalar_type() == matrices[0].scalar_type(), "decode_step: all matrices need one dtype");
-    }
-    for (const auto& c : caches) {
-      TORCH_CHECK(c.is_contiguous() && c.scalar_type() == matrices[0].scalar_type(),
-                  "decode_step: cache buffers must be contiguous, in the weights' dtype");
-      TORCH_CHECK(c.size(0) == B_ && c.size(1) == Hkv_ && c.size(2) == S_ && c.size(3) == d_,
-                  "decode_step: cache buffer shape");
-    }
-    tok_emb_ = matrices[0];
-    pos_emb_ = matrices[1];
+    tok_emb_ = get(globals, "tok_emb");
+    TORCH_CHECK(present(tok_emb_), "decode_step: tok_emb missing");
+    dtype_ = tok_emb_.scalar_type();
+    bf16_ = dtype_ == torch::kBFloat16;
     const bool pack = B_ >= PACK_MIN_BATCH;
-    lm_head_ = make_matrix(matrices[2], pack);
-    final_norm_w_ = fp32_copy(vectors[0]);
-    final_norm_b_ = fp32_copy(vectors[1]);
-    rope_cos_ = fp32_copy(vectors[2]);
-    rope_sin_ = fp32_copy(vectors[3]);
-    for (int64_t l = 0; l < L_; ++l) {
+    pos_emb_ = weights(get(globals, "pos_emb"), false);
+    lm_head_ = matrix(get(globals, "lm_head"), pack);
+    final_norm_w_ = fp32_copy(get(globals, "final_norm_w"));
+    final_norm_b_ = fp32_copy(get(globals, "final_norm_b"));
+    rope_cos_ = fp32_copy(get(globals, "rope_cos"));
+    rope_sin_ = fp32_copy(get(globals, "rope_sin"));
+    for (const Named& t : layers) {
       Layer layer;
-      layer.qkv = make_matrix(matrices[3 + 4 * l], pack);
-      layer.proj = make_matrix(matrices[4 + 4 * l], pack);
-      layer.fc = make_matrix(matrices[5 + 4 * l], pack);
-      layer.out = make_matrix(matrices[6 + 4 * l], pack);
-      const auto* v = &vectors[4 + 8 * l];
-      layer.attn_norm_w = fp32_copy(v[0]);
-      layer.attn_norm_b = fp32_copy(v[1]);
-      layer.qkv_b = fp32_copy(v[2]);
-      layer.proj_b = fp32_copy(v[3]);
-      layer.ffn_norm_w = fp32_copy(v[4]);
-      layer.ffn_norm_b = fp32_copy(v[5]);
-      layer.fc_b = fp32_copy(v[6]);
-      layer.out_b = fp32_copy(v[7]);
-      layer.k_cache = caches[2 * l];
-      layer.v_cache = caches[2 * l + 1];
-      layers_.push_back(layer);
+      layer.qkv = matrix(get(t, "qkv_w"), pack);
+      layer.proj = matrix(get(t, "proj_w"), pack);
+      layer.attn_norm_w = fp32_copy(get(t, "attn_norm_w"));
+      layer.attn_norm_b = fp32_copy(get(t, "attn_norm_b"));
+      layer.qkv_b = fp32_copy(get(t, "qkv_b"));
+      layer.proj_b = fp32_copy(get(t, "proj_b"));
+      layer.ffn_norm_w = fp32_copy(get(t, "ffn_norm_w"));
+      layer.ffn_norm_b = fp32_copy(get(t, "ffn_norm_b"));
+      layer.moe = present(get(t, "gate_w"));
+      if (layer.moe) {
+        Experts& ex = layer.experts;
+        ex.gate = fp32_copy(get(t, "gate_w"));
+        ex.selection_bias = fp32_copy(get(t, "selection_bias"));
+        const Tensor in = weights(get(t, "experts_in"), true), out = weights(get(t, "experts_out"), true);
+        TORCH_CHECK(in.size(0) == E_ && out.size(0) == E_, "decode_step: one matrix per expert");
+        for (int64_t e = 0; e < E_; ++e) {
+          ex.in.push_back(matrix(in.select(0, e), pack));
+          ex.out.push_back(matrix(out.select(0, e), pack));
+        }
+        ex.in_b = fp32_copy(get(t, "experts_in_b"));
+        ex.out_b = fp32_copy(get(t, "experts_out_b"));
+        ex.has_shared = present(get(t, "shared_fc_w"));
+        if (ex.has_shared) ex.shared = make_feed_forward(t, "shared_fc_w", "shared_fc_b", "shared_out_w", "shared_out_b", pack);
+        ++n_moe_;
+      } else {
+        layer.ffn = make_feed_forward(t, "fc_w", "fc_b", "out_w", "out_b", pack);
+      }
+      layer.k_cache = get(t, "k_cache");
+      layer.v_cache = get(t, "v_cache");
+      for (const Tensor* c : {&layer.k_cache, &layer.v_cache}) {
+        TORCH_CHECK(present(*c) && c->is_contiguous() && c->scalar_type() == dtype_,
+                    "decode_step: cache buffers must be contiguous, in the weights' dtype");
+        TORCH_CHECK(c->size(0) == B_ && c->size(1) == Hkv_ && c->size(2) == S_ && c->size(3) == d_,
+                    "decode_step: cache buffer shape");
+      }
+      layers_.push_back(std::move(layer));
     }
-    const int64_t qkv = (Hq_ + 2 * Hkv_) * d_, fc = (ffn_ == 2 ? 2 : 1) * F_;
+    const int64_t qkv = (Hq_ + 2 * Hkv_) * d_;
+    int64_t hidden = std::max(F_, Fe_);  // the widest feed-forward: dense, expert or shared expert
+    for (const Layer& layer : layers_) {
+      if (layer.moe && layer.experts.has_shared) hidden = std::max(hidden, layer.experts.shared.out.K);
+    }
+    const int64_t fc = (ffn_ == 2 ? 2 : 1) * hidden;
     x_.resize(B_ * D_);
     h_.resize(B_ * D_);
     qkv_.resize(B_ * qkv);
     att_.resize(B_ * Hq_ * d_);
     fc_.resize(B_ * fc);
-    act_.resize(B_ * F_);
+    act_.resize(B_ * hidden);
+    y_.resize(B_ * D_);
     scores_.resize(B_ * Hq_ * S_);
-    const int64_t widest = std::max({D_, F_, Hq_ * d_});
-    in_f32_.resize(bf16_ ? 0 : 1);
+    route_w_.resize(B_ * std::max<int64_t>(K_, 1));
+    const int64_t widest = std::max({D_, hidden, Hq_ * d_});
     padded_rows_ = B_ >= AMX_MIN_BATCH ? (B_ + 31) / 32 * 32 : B_;  // AMX reads rows in 32s
+    in_f32_.resize(1);  // (fp32 weights read the fp32 activations directly)
     in_bf16_.resize(bf16_ ? padded_rows_ * widest : 0);
     q_bf16_.resize(bf16_ ? B_ * qkv : 0);
   }
 
   // tokens (B,) int64, each row's new token; slot: the cache slot it is written to; pad (B,) int64:
-  // the first slot of each row's prompt (left padding). Returns the next-token logits (B, V) fp32.
-  Tensor step(const Tensor& tokens, int64_t slot, const Tensor& pad) {
+  // the first slot of each row's prompt (left padding). Returns the next-token logits (B, V) fp32
+  // and the experts each row's token went to, (MoE layers, B, top_k) int64.
+  std::tuple<Tensor, Tensor> step(const Tensor& tokens, int64_t slot, const Tensor& pad) {
     TORCH_CHECK(tokens.numel() == B_ && pad.numel() == B_, "decode_step: one token and one pad per row");
     TORCH_CHECK(slot >= 0 && slot < S_, "decode_step: slot ", slot, " outside the cache of ", S_);
     auto tok = tokens.to(torch::kInt64).contiguous();
@@ -565,12 +610,15 @@ class DecodeStep {
       TORCH_CHECK(pad_p[b] >= 0 && pos[b] >= 0 && pos[b] < block_, "decode_step: position outside the model");
     }
     auto logits = torch::empty({B_, V_}, torch::kFloat32);
+    auto experts = torch::empty({n_moe_, B_, K_}, torch::kInt64);
     if (bf16_) {
-      run<uint16_t>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), in_bf16_, q_bf16_);
+      run<uint16_t>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), experts.data_ptr<int64_t>(), in_bf16_,
+                    q_bf16_);
     } else {
-      run<float>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), in_f32_, in_f32_);
+      run<float>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), experts.data_ptr<int64_t>(), in_f32_,
+                 in_f32_);
     }
-    return logits;
+    return {logits, experts};
   }
 
  private:
@@ -579,10 +627,37 @@ class DecodeStep {
     return reinterpret_cast<const T*>(t.data_ptr());
   }
 
-  // B rows of K activations as a matrix product's input
+  Tensor weights(const Tensor& w, bool required) const {  // a weight tensor in place, checked
+    if (!present(w)) {
+      TORCH_CHECK(!required, "decode_step: a weight matrix is missing");
+      return Tensor();
+    }
+    TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "decode_step: weights must be contiguous CPU tensors");
+    TORCH_CHECK(w.scalar_type() == dtype_, "decode_step: all weight matrices need the embedding's dtype");
+    return w;
+  }
+
+  Matrix matrix(const Tensor& w, bool pack) const { return make_matrix(weights(w, true), pack); }
+
+  FeedForward make_feed_forward(const Named& t, const char* fc, const char* fc_b, const char* out, const char* out_b,
+                           bool pack) const {
+    FeedForward f;
+    f.fc = matrix(get(t, fc), pack);
+    f.out = matrix(get(t, out), pack);
+    f.fc_b = fp32_copy(get(t, fc_b));
+    f.out_b = fp32_copy(get(t, out_b));
+    return f;
+  }
+
+  // `rows` rows of K activations as a matrix product's input (zero rows up to what AMX reads)
+  template <typename T>
+  const T* input(const float* x, std::vector<T>& buf, int64_t K, int64_t rows) const {
+    const int64_t padded = rows >= AMX_MIN_BATCH ? (rows + 31) / 32 * 32 : rows;
+    return as_input(x, buf, rows * K, padded * K);
+  }
   template <typename T>
   const T* input(const float* x, std::vector<T>& buf, int64_t K) const {
-    return as_input(x, buf, B_ * K, padded_rows_ * K);
+    return input(x, buf, K, B_);
   }
 
   void norm(const float* x, const Tensor& w, const Tensor& b, float* y) const {
@@ -616,8 +691,100 @@ class DecodeStep {
     }
   }
 
+  // y (rows, D) (+)= out(act(fc(x))) for x given as the matrix input (rows, D); hidden width F.
   template <typename T>
-  void run(const int64_t* tok, const int64_t* pad, const int64_t* pos, int64_t slot, float* logits,
+  void feed_forward(const FeedForward& f, const T* x, int64_t rows, int64_t F, float* y, bool accumulate,
+                    std::vector<T>& in) {
+    const int64_t fc_n = (ffn_ == 2 ? 2 : 1) * F;
+    apply<T>(f.fc, x, ptr_or_null(f.fc_b), fc_.data(), rows, false);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) activation(fc_.data() + b * fc_n, act_.data() + b * F, F, ffn_);
+    });
+    apply<T>(f.out, input(act_.data(), in, F, rows), ptr_or_null(f.out_b), y, rows, accumulate);
+  }
+
+  // Routing of every row (as the model's Router in eval mode: no noise), then each chosen expert
+  // on the rows that chose it; x += sum_k gate_k * expert_k(h). `chosen` gets (B, K) expert ids.
+  template <typename T>
+  void routed_experts(const Experts& ex, int64_t* chosen, std::vector<T>& in) {
+    const float* gate = ex.gate.data_ptr<float>();
+    const float* bias = ex.selection_bias.data_ptr<float>();
+    std::vector<float> hr(D_), logits(E_), probs(E_), sel(E_);
+    for (int64_t b = 0; b < B_; ++b) {
+      // the router sees the normalized row in the model's dtype, upcast (fp32 router math)
+      for (int64_t i = 0; i < D_; ++i) hr[i] = bf16_ ? bf16_to_float(float_to_bf16(h_[b * D_ + i])) : h_[b * D_ + i];
+      float top = -INFINITY;
+      for (int64_t e = 0; e < E_; ++e) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D_; ++i) dot += hr[i] * gate[e * D_ + i];
+        logits[e] = dot;
+        top = std::max(top, dot);
+      }
+      float total = 0.f;
+      for (int64_t e = 0; e < E_; ++e) total += (probs[e] = std::exp(logits[e] - top));
+      for (int64_t e = 0; e < E_; ++e) {
+        probs[e] /= total;
+        sel[e] = (router_ == 2 ? logits[e] : probs[e]) + bias[e];
+      }
+      float kept = 0.f, kept_top = -INFINITY;
+      for (int64_t k = 0; k < K_; ++k) {  // top-k by selection score, best first (ties: lower id)
+        int64_t best = -1;
+        for (int64_t e = 0; e < E_; ++e) {
+          if (sel[e] != -INFINITY && (best < 0 || sel[e] > sel[best])) best = e;
+        }
+        TORCH_CHECK(best >= 0, "decode_step: router scores are not finite");
+        sel[best] = -INFINITY;
+        chosen[b * K_ + k] = best;
+        route_w_[b * K_ + k] = router_ == 2 ? logits[best] : probs[best];
+        kept += probs[best];
+        kept_top = std::max(kept_top, logits[best]);
+      }
+      float* w = route_w_.data() + b * K_;
+      if (router_ == 2) {  // noisy_topk: softmax over the kept logits
+        float z = 0.f;
+        for (int64_t k = 0; k < K_; ++k) z += (w[k] = std::exp(w[k] - kept_top));
+        for (int64_t k = 0; k < K_; ++k) w[k] /= z;
+      } else if (router_ == 1) {  // topk: kept probabilities renormalized
+        for (int64_t k = 0; k < K_; ++k) w[k] /= kept;
+      }  // switch: the raw probabilities
+    }
+    const int64_t in_n = (ffn_ == 2 ? 2 : 1) * Fe_;
+    std::vector<int64_t> rows;
+    std::vector<float> gates;
+    for (int64_t e = 0; e < E_; ++e) {
+      rows.clear();
+      gates.clear();
+      for (int64_t b = 0; b < B_; ++b) {
+        for (int64_t k = 0; k < K_; ++k) {
+          if (chosen[b * K_ + k] == e) {
+            rows.push_back(b);
+            gates.push_back(route_w_[b * K_ + k]);
+          }
+        }
+      }
+      const int64_t n = int64_t(rows.size());
+      if (n == 0) continue;
+      for (int64_t r = 0; r < n; ++r) std::copy_n(h_.data() + rows[r] * D_, D_, y_.data() + r * D_);  // gather
+      const T* xe = input(y_.data(), in, D_, n);
+      apply<T>(ex.in[e], xe, ex.in_b.defined() ? ex.in_b.data_ptr<float>() + e * in_n : nullptr, fc_.data(), n, false);
+      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) activation(fc_.data() + r * in_n, act_.data() + r * Fe_, Fe_, ffn_);
+      });
+      apply<T>(ex.out[e], input(act_.data(), in, Fe_, n), ex.out_b.defined() ? ex.out_b.data_ptr<float>() + e * D_ : nullptr,
+               y_.data(), n, false);
+      for (int64_t r = 0; r < n; ++r) {  // combine, weighted by the gate
+        float* xr = x_.data() + rows[r] * D_;
+        const float* yr = y_.data() + r * D_;
+        const float g = gates[r];
+#pragma omp simd
+        for (int64_t i = 0; i < D_; ++i) xr[i] += g * yr[i];
+      }
+    }
+  }
+
+  template <typename T>
+  void run(const int64_t* tok, const int64_t* pad, const int64_t* pos, int64_t slot, float* logits, int64_t* experts,
            std::vector<T>& in, std::vector<T>& in_q) {
     const int64_t qkv_n = (Hq_ + 2 * Hkv_) * d_, G = Hq_ / Hkv_;
     const T* tok_emb = data<T>(tok_emb_);
@@ -628,6 +795,7 @@ class DecodeStep {
         x_[b * D_ + i] = v;
       }
     }
+    int64_t moe_layer = 0;
     for (const Layer& layer : layers_) {
       // attention: x += proj(attend(qkv(norm(x))))
       norm(x_.data(), layer.attn_norm_w, layer.attn_norm_b, h_.data());
@@ -659,27 +827,32 @@ class DecodeStep {
       });
       apply<T>(layer.proj, input(att_.data(), in, Hq_ * d_), ptr_or_null(layer.proj_b), x_.data(), B_, true);
 
-      // feed-forward: x += out(act(fc(norm(x))))
+      // feed-forward: x += ffn(norm(x)), dense or mixture of experts
       norm(x_.data(), layer.ffn_norm_w, layer.ffn_norm_b, h_.data());
-      const int64_t fc_n = (ffn_ == 2 ? 2 : 1) * F_;
-      apply<T>(layer.fc, input(h_.data(), in, D_), ptr_or_null(layer.fc_b), fc_.data(), B_, false);
-      at::parallel_for(0, B_, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) activation(fc_.data() + b * fc_n, act_.data() + b * F_, F_, ffn_);
-      });
-      apply<T>(layer.out, input(act_.data(), in, F_), ptr_or_null(layer.out_b), x_.data(), B_, true);
+      if (!layer.moe) {
+        feed_forward<T>(layer.ffn, input(h_.data(), in, D_), B_, F_, x_.data(), true, in);
+        continue;
+      }
+      if (layer.experts.has_shared) {  // a dense FFN every token goes through, hidden n_shared x expert_hidden
+        const int64_t shared_hidden = layer.experts.shared.out.K;
+        feed_forward<T>(layer.experts.shared, input(h_.data(), in, D_), B_, shared_hidden, x_.data(), true, in);
+      }
+      routed_experts<T>(layer.experts, experts + moe_layer * B_ * K_, in);
+      ++moe_layer;
     }
     norm(x_.data(), final_norm_w_, final_norm_b_, h_.data());
     apply<T>(lm_head_, input(h_.data(), in, D_), nullptr, logits, B_, false);
   }
 
-  int64_t L_, D_, Hq_, Hkv_, d_, F_, V_, block_, B_, S_, padded_rows_;
+  int64_t L_, D_, Hq_, Hkv_, d_, F_, V_, block_, B_, S_, E_, K_, Fe_, padded_rows_, n_moe_ = 0;
   bool rmsnorm_, rope_, bf16_;
-  int ffn_;
+  int ffn_, router_;
   float eps_;
+  at::ScalarType dtype_;
   Matrix lm_head_;
   Tensor tok_emb_, pos_emb_, final_norm_w_, final_norm_b_, rope_cos_, rope_sin_;
   std::vector<Layer> layers_;
-  std::vector<float> x_, h_, qkv_, att_, fc_, act_, scores_, in_f32_;
+  std::vector<float> x_, h_, y_, qkv_, att_, fc_, act_, scores_, route_w_, in_f32_;
   std::vector<uint16_t> in_bf16_, q_bf16_;
 };
 
@@ -687,8 +860,7 @@ class DecodeStep {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<int64_t>,
-                    std::vector<std::string>, double>())
+      .def(py::init<Named, std::vector<Named>, std::vector<int64_t>, std::vector<std::string>, double>())
       .def("step", &DecodeStep::step, py::call_guard<py::gil_scoped_release>());
   m.def("set_pack_min_batch", [](int64_t b) { PACK_MIN_BATCH = b; });
   m.def("set_amx_min_batch", [](int64_t b) { AMX_MIN_BATCH = b; });
