@@ -250,14 +250,14 @@ class Decoder:
     (B, T, K) after prefill (padding included). The prompt always runs through the model itself;
     with compile=True the one-token steps of a dense model run compiled, `self.backend` says how:
 
-    - "native": one C++ call per token (nanomoe/native.py: CPU, fp32 or bf16 weights; built once
-      per machine). It reads the model's weights as they are when the decoder is built: build a new
-      decoder after changing them.
-    - "compiled": `torch.compile` of `_decode_step` (native=False, or where the native step does not
-      apply or cannot be built); the first step pays the compile time.
-    - "eager": compile=False, and MoE models always (`self.compiled` is False): their dispatch
-      sizes its buffers by how many tokens each expert got, which breaks the compiled graph at
-      every layer and made decoding ~5x slower than eager.
+    - "native": one C++ call per token, dense or MoE (nanomoe/native.py: CPU, fp32 or bf16
+      weights; built once per machine). It reads the model's weights as they are when the decoder
+      is built: build a new decoder after changing them.
+    - "compiled": `torch.compile` of `_decode_step` for dense models (native=False, or where the
+      native step does not apply or cannot be built); the first step pays the compile time.
+    - "eager": compile=False, and MoE models without the native step: their dispatch sizes its
+      buffers by how many tokens each expert got, which breaks a compiled graph at every layer and
+      made compiled decoding ~5x slower than eager.
 
     Run it under torch.inference_mode().
     """
