@@ -57,6 +57,15 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
 // Four dot products of one input row x (K) with four weight rows: the weight rows are read once
 // and x four times from L1, so a matrix-vector product streams its weights at memory speed.
 
+#if defined(__AVX512F__)
+inline void horizontal_sums(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float out[4]) {
+  out[0] = _mm512_reduce_add_ps(a0);
+  out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2);
+  out[3] = _mm512_reduce_add_ps(a3);
+}
+#endif
+
 inline void dot4(const float* x, const float* const w[4], int64_t K, float out[4]) {
 #if defined(__AVX512F__)
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
@@ -76,10 +85,7 @@ inline void dot4(const float* x, const float* const w[4], int64_t K, float out[4
     a2 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, w[2] + k), a2);
     a3 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, w[3] + k), a3);
   }
-  out[0] = _mm512_reduce_add_ps(a0);
-  out[1] = _mm512_reduce_add_ps(a1);
-  out[2] = _mm512_reduce_add_ps(a2);
-  out[3] = _mm512_reduce_add_ps(a3);
+  horizontal_sums(a0, a1, a2, a3, out);
 #else
   for (int r = 0; r < 4; ++r) {
     float acc = 0.f;
@@ -109,10 +115,7 @@ inline void dot4(const uint16_t* x, const uint16_t* const w[4], int64_t K, float
     a2 = _mm512_dpbf16_ps(a2, xv, (__m512bh)_mm512_maskz_loadu_epi16(m, w[2] + k));
     a3 = _mm512_dpbf16_ps(a3, xv, (__m512bh)_mm512_maskz_loadu_epi16(m, w[3] + k));
   }
-  out[0] = _mm512_reduce_add_ps(a0);
-  out[1] = _mm512_reduce_add_ps(a1);
-  out[2] = _mm512_reduce_add_ps(a2);
-  out[3] = _mm512_reduce_add_ps(a3);
+  horizontal_sums(a0, a1, a2, a3, out);
 #else
   for (int r = 0; r < 4; ++r) {
     float acc = 0.f;
