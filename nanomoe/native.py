@@ -158,10 +158,14 @@ class NativeDecodeStep:
         return logits, list(experts.unbind(0))
 
 
+def native_decode_available(model) -> bool:
+    """Whether Decoder(compile=True) decodes `model` natively (builds the extension if needed)."""
+    return unsupported_reason(model) is None and load_extension() is not None
+
+
 def native_decode_step(model, cache) -> NativeDecodeStep | None:
     """A native step for `model` over `cache`, or None when the model does not qualify or the
     extension cannot be built."""
-    if unsupported_reason(model) is not None:
+    if not native_decode_available(model):
         return None
-    module = load_extension()
-    return NativeDecodeStep(module, model, cache) if module is not None else None
+    return NativeDecodeStep(_module, model, cache)

@@ -150,8 +150,13 @@ def cmd_generate(args) -> int:
                 print(f"--- sample {i + 1}/{len(rows)} ---")
             print(p + t)
     sys.stdout.flush()
-    compiled = "; the first use of --compile includes compiling" if args.compile else ""
-    print(f"[{total} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{compiled}]", file=sys.stderr)
+    note = ""
+    if args.compile:
+        from ..native import native_decode_available
+
+        if not native_decode_available(ckpt.model) and not ckpt.model_config.is_moe:
+            note = "; torch.compile: the first call includes compiling"
+    print(f"[{total} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{note}]", file=sys.stderr)
     return 0
 
 
