@@ -62,6 +62,20 @@ def _put_ninja_on_path() -> None:
             return
 
 
+def _warn_of_a_stale_lock(lock: Path, stale_after_s: float = 600) -> None:
+    """torch waits without a timeout on the lock file of a build in progress; a build killed hard
+    (kill -9, out of memory) leaves it behind and every later build waits forever."""
+    import time
+
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > stale_after_s:
+        print(f"nanomoe: waiting for {lock} ({age / 60:.0f} min old); if no other build is running, an "
+              "interrupted one left it: delete it", file=sys.stderr)
+
+
 def load_extension():
     """The compiled module, building it on first use; None (and a warning, once) if it cannot be built."""
     global _module, _build_error
@@ -76,6 +90,7 @@ def load_extension():
         source_hash = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:8]
         name = f"nanomoe_decode_step_{_cpu_tag()}_{source_hash}"
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        _warn_of_a_stale_lock(build_dir / "lock")
         if not any(build_dir.glob("*.so")):
             print("nanomoe: building the native decode step (once per machine, about a minute)...", file=sys.stderr)
         _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
@@ -99,12 +114,15 @@ def unsupported_reason(model) -> str | None:
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) != 1:
         return f"parameters of several dtypes ({sorted(map(str, dtypes))})"
+    if model.training:
+        return "the model is in training mode (dropout, router noise): call model.eval()"
     return None
 
 
 def _named(**tensors) -> dict[str, torch.Tensor]:
-    """The entries that exist (a model without biases has none to pass), detached."""
-    return {k: t.detach() for k, t in tensors.items() if t is not None}
+    """The entries that exist (a model without biases has none to pass), detached and contiguous
+    (the kernels read rows; a contiguous tensor is passed as it is, without a copy)."""
+    return {k: t.detach().contiguous() for k, t in tensors.items() if t is not None}
 
 
 def _layer_tensors(block, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -134,9 +152,9 @@ class NativeDecodeStep:
     """Callable (tokens_B, slot, pad_B) -> (logits (B, V) fp32, [per MoE layer (B, K) expert ids]),
     over the decoder's StaticKVCache.
 
-    Reads the model's weight matrices in place at batch 1 and keeps packed copies for batches (and
-    transposed copies of expert weights), and copies the norms, biases, router and rope tables:
-    build a new one after changing the model.
+    Reads the model's dense weight matrices in place at batch 1; keeps packed copies of them for
+    batches, transposed copies of expert weights (and packed ones for batches), and copies of the
+    norms, biases, router and rope tables: build a new one after changing the model.
     """
 
     def __init__(self, module, model, cache):
@@ -168,4 +186,8 @@ def native_decode_step(model, cache) -> NativeDecodeStep | None:
     extension cannot be built."""
     if not native_decode_available(model):
         return None
-    return NativeDecodeStep(_module, model, cache)
+    try:
+        return NativeDecodeStep(_module, model, cache)
+    except RuntimeError as e:  # e.g. weights whose shapes disagree with the config: decode another way
+        warnings.warn(f"the native decode step does not take this model ({e}); decoding without it", stacklevel=2)
+        return None

@@ -138,6 +138,43 @@ def test_bad_inputs_raise_instead_of_reading_past_the_weights(extension):
             decoder.step(torch.tensor([1]))
 
 
+def test_odd_layouts_decode_natively_and_bad_shapes_fall_back(extension):
+    # a non-contiguous weight (as a transposed copy leaves it) is fine: the step reads a contiguous copy
+    model = make_model("llama")
+    w = model.blocks[0].attn.proj.weight
+    model.blocks[0].attn.proj.weight = torch.nn.Parameter(w.detach().t().contiguous().t())
+    assert not model.blocks[0].attn.proj.weight.is_contiguous()
+    decoder, pairs = decode_logits(model, [[1, 2, 3]], 4, compile=True)
+    assert decoder.backend == "native"
+    for ref, got in pairs:
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    # weights that disagree with the config would be read out of bounds: refused, decoded otherwise
+    grown = make_model("llama")
+    grown.lm_head.weight = torch.nn.Parameter(torch.randn(grown.config.vocab_size + 8, grown.config.n_embd))
+    with pytest.warns(UserWarning, match="lm_head has shape"):
+        assert Decoder(grown, 1, 16, compile=True).backend != "native"
+
+
+def test_a_decoder_keeps_the_kernel_thresholds_it_was_built_with(extension):
+    """Changing the AMX threshold later must not make a built decoder read past its padded buffers."""
+    model = make_model("llama").to(torch.bfloat16)
+
+    def one_step(decoder):
+        with torch.inference_mode():
+            decoder.prefill([[1, 2], [3]])
+            return decoder.step(torch.tensor([4, 5]))[0]
+
+    built_before = Decoder(model, 2, 16, compile=True)  # 2 rows: the packed kernel, not AMX
+    try:
+        extension.set_amx_min_batch(1)
+        changed = one_step(built_before)
+    finally:
+        extension.set_amx_min_batch(8)
+    # the same kernel as a decoder built and run at the default: bitwise the same logits (AMX would
+    # sum in another order, and read 32-row blocks its buffers were not padded for)
+    assert torch.equal(changed, one_step(Decoder(model, 2, 16, compile=True)))
+
+
 def test_models_the_native_step_does_not_cover_fall_back(monkeypatch):
     dense, moe = make_model("llama"), make_model("mixtral")
     assert Decoder(dense, 1, 16).backend == "eager"  # compile=False
@@ -150,3 +187,5 @@ def test_models_the_native_step_does_not_cover_fall_back(monkeypatch):
     mixed = make_model("llama")
     mixed.lm_head.to(torch.bfloat16)
     assert "several dtypes" in native.unsupported_reason(mixed)
+    training = make_model("llama").train()  # dropout and router noise are not in the native step
+    assert "training mode" in native.unsupported_reason(training)

@@ -343,12 +343,13 @@ Matrix make_matrix(const Tensor& w, bool pack) {
   return m;
 }
 
+// amx_min: the decoder's AMX threshold (its input buffers are padded for it when it is built)
 template <typename T>
-void apply(const Matrix& m, const T* X, const float* bias, float* Y, int64_t B, bool accumulate) {
+void apply(const Matrix& m, const T* X, const float* bias, float* Y, int64_t B, bool accumulate, int64_t amx_min) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, uint16_t>) {
 #if defined(NANOMOE_AMX)
-    if (m.packed.defined() && B >= AMX_MIN_BATCH && m.K % 32 == 0 && amx_ready()) {
+    if (m.packed.defined() && B >= amx_min && m.K % 32 == 0 && amx_ready()) {
       return linear_amx(X, m.packed, bias, Y, B, m.K, m.N, accumulate);
     }
 #endif
@@ -524,10 +525,11 @@ class DecodeStep {
     ffn_ = kinds[2] == "swiglu" ? 2 : kinds[2] == "gelu" ? 1 : 0;
     router_ = kinds[3] == "noisy_topk" ? 2 : kinds[3] == "topk" ? 1 : 0;  // 0: switch
     eps_ = float(norm_eps);
+    check_shapes(globals, layers);
     tok_emb_ = get(globals, "tok_emb");
-    TORCH_CHECK(present(tok_emb_), "decode_step: tok_emb missing");
     dtype_ = tok_emb_.scalar_type();
     bf16_ = dtype_ == torch::kBFloat16;
+    amx_min_ = AMX_MIN_BATCH;  // the thresholds as they are now: the buffers below are sized for them
     const bool pack = B_ >= PACK_MIN_BATCH;
     pos_emb_ = weights(get(globals, "pos_emb"), false);
     lm_head_ = matrix(get(globals, "lm_head"), pack);
@@ -590,7 +592,7 @@ class DecodeStep {
     scores_.resize(B_ * Hq_ * S_);
     route_w_.resize(B_ * std::max<int64_t>(K_, 1));
     const int64_t widest = std::max({D_, hidden, Hq_ * d_});
-    padded_rows_ = B_ >= AMX_MIN_BATCH ? (B_ + 31) / 32 * 32 : B_;  // AMX reads rows in 32s
+    padded_rows_ = B_ >= amx_min_ ? (B_ + 31) / 32 * 32 : B_;  // AMX reads rows in 32s
     in_f32_.resize(1);  // (fp32 weights read the fp32 activations directly)
     in_bf16_.resize(bf16_ ? padded_rows_ * widest : 0);
     q_bf16_.resize(bf16_ ? B_ * qkv : 0);
@@ -601,6 +603,7 @@ class DecodeStep {
   // and the experts each row's token went to, (MoE layers, B, top_k) int64.
   std::tuple<Tensor, Tensor> step(const Tensor& tokens, int64_t slot, const Tensor& pad) {
     TORCH_CHECK(tokens.numel() == B_ && pad.numel() == B_, "decode_step: one token and one pad per row");
+    TORCH_CHECK(tokens.device().is_cpu() && pad.device().is_cpu(), "decode_step: tokens and pad must be on the CPU");
     TORCH_CHECK(slot >= 0 && slot < S_, "decode_step: slot ", slot, " outside the cache of ", S_);
     auto tok = tokens.to(torch::kInt64).contiguous();
     auto pd = pad.to(torch::kInt64).contiguous();
@@ -630,6 +633,75 @@ class DecodeStep {
     return reinterpret_cast<const T*>(t.data_ptr());
   }
 
+  // Every tensor against the sizes the kernels index by (the config's): a mismatch would read or
+  // write out of bounds, so it is refused here.
+  void check_shapes(const Named& g, const std::vector<Named>& layers) const {
+    const int64_t fcw = ffn_ == 2 ? 2 : 1, qkv = (Hq_ + 2 * Hkv_) * d_;
+    TORCH_CHECK(Hkv_ > 0 && Hq_ % Hkv_ == 0 && (!rope_ || d_ % 2 == 0), "decode_step: head layout");
+    expect(g, "tok_emb", {V_, D_});
+    expect(g, "lm_head", {V_, D_});
+    expect(g, "final_norm_w", {D_});
+    expect(g, "final_norm_b", {D_}, true);
+    expect_table(g, "pos_emb", D_, true);
+    if (rope_) {
+      expect_table(g, "rope_cos", d_, false);
+      expect_table(g, "rope_sin", d_, false);
+    }
+    for (const Named& t : layers) {
+      expect(t, "attn_norm_w", {D_});
+      expect(t, "attn_norm_b", {D_}, true);
+      expect(t, "ffn_norm_w", {D_});
+      expect(t, "ffn_norm_b", {D_}, true);
+      expect(t, "qkv_w", {qkv, D_});
+      expect(t, "qkv_b", {qkv}, true);
+      expect(t, "proj_w", {D_, Hq_ * d_});
+      expect(t, "proj_b", {D_}, true);
+      if (!present(get(t, "gate_w"))) {
+        expect(t, "fc_w", {fcw * F_, D_});
+        expect(t, "fc_b", {fcw * F_}, true);
+        expect(t, "out_w", {D_, F_});
+        expect(t, "out_b", {D_}, true);
+        continue;
+      }
+      TORCH_CHECK(K_ >= 1 && K_ <= E_, "decode_step: top_k must be between 1 and n_experts");
+      expect(t, "gate_w", {E_, D_});
+      expect(t, "selection_bias", {E_});
+      expect(t, "experts_in", {E_, fcw * Fe_, D_});
+      expect(t, "experts_in_b", {E_, fcw * Fe_}, true);
+      expect(t, "experts_out", {E_, D_, Fe_});
+      expect(t, "experts_out_b", {E_, D_}, true);
+      if (present(get(t, "shared_fc_w"))) {
+        const Tensor out = get(t, "shared_out_w");
+        TORCH_CHECK(present(out) && out.dim() == 2, "decode_step: shared_out_w missing");
+        const int64_t hidden = out.size(1);
+        expect(t, "shared_out_w", {D_, hidden});
+        expect(t, "shared_out_b", {D_}, true);
+        expect(t, "shared_fc_w", {fcw * hidden, D_});
+        expect(t, "shared_fc_b", {fcw * hidden}, true);
+      }
+    }
+  }
+
+  static void expect(const Named& m, const char* key, std::vector<int64_t> shape, bool optional = false) {
+    const Tensor t = get(m, key);
+    if (!present(t)) {
+      TORCH_CHECK(optional, "decode_step: ", key, " missing");
+      return;
+    }
+    TORCH_CHECK(t.sizes().vec() == shape, "decode_step: ", key, " has shape ", t.sizes(),
+                ", the model config implies ", c10::IntArrayRef(shape));
+  }
+
+  void expect_table(const Named& m, const char* key, int64_t width, bool optional) const {  // a row per position
+    const Tensor t = get(m, key);
+    if (!present(t)) {
+      TORCH_CHECK(optional, "decode_step: ", key, " missing");
+      return;
+    }
+    TORCH_CHECK(t.dim() == 2 && t.size(0) >= block_ && t.size(1) == width, "decode_step: ", key, " has shape ",
+                t.sizes(), ", the model config implies at least ", block_, " rows of ", width);
+  }
+
   Tensor weights(const Tensor& w, bool required) const {  // a weight tensor in place, checked
     if (!present(w)) {
       TORCH_CHECK(!required, "decode_step: a weight matrix is missing");
@@ -652,10 +724,15 @@ class DecodeStep {
     return f;
   }
 
+  template <typename T>
+  void product(const Matrix& m, const T* X, const float* bias, float* Y, int64_t rows, bool accumulate) const {
+    apply<T>(m, X, bias, Y, rows, accumulate, amx_min_);
+  }
+
   // `rows` rows of K activations as a matrix product's input (zero rows up to what AMX reads)
   template <typename T>
   const T* input(const float* x, std::vector<T>& buf, int64_t K, int64_t rows) const {
-    const int64_t padded = rows >= AMX_MIN_BATCH ? (rows + 31) / 32 * 32 : rows;
+    const int64_t padded = rows >= amx_min_ ? (rows + 31) / 32 * 32 : rows;
     return as_input(x, buf, rows * K, padded * K);
   }
   template <typename T>
@@ -699,11 +776,11 @@ class DecodeStep {
   void feed_forward(const FeedForward& f, const T* x, int64_t rows, int64_t F, float* y, bool accumulate,
                     std::vector<T>& in) {
     const int64_t fc_n = (ffn_ == 2 ? 2 : 1) * F;
-    apply<T>(f.fc, x, ptr_or_null(f.fc_b), fc_.data(), rows, false);
+    product<T>(f.fc, x, ptr_or_null(f.fc_b), fc_.data(), rows, false);
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) activation(fc_.data() + b * fc_n, act_.data() + b * F, F, ffn_);
     });
-    apply<T>(f.out, input(act_.data(), in, F, rows), ptr_or_null(f.out_b), y, rows, accumulate);
+    product<T>(f.out, input(act_.data(), in, F, rows), ptr_or_null(f.out_b), y, rows, accumulate);
   }
 
   // Routing of every row (as the model's Router in eval mode: no noise), then each chosen expert
@@ -770,11 +847,11 @@ class DecodeStep {
       if (n == 0) continue;
       for (int64_t r = 0; r < n; ++r) std::copy_n(h_.data() + rows[r] * D_, D_, y_.data() + r * D_);  // gather
       const T* xe = input(y_.data(), in, D_, n);
-      apply<T>(ex.in[e], xe, ex.in_b.defined() ? ex.in_b.data_ptr<float>() + e * in_n : nullptr, fc_.data(), n, false);
+      product<T>(ex.in[e], xe, ex.in_b.defined() ? ex.in_b.data_ptr<float>() + e * in_n : nullptr, fc_.data(), n, false);
       at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) activation(fc_.data() + r * in_n, act_.data() + r * Fe_, Fe_, ffn_);
       });
-      apply<T>(ex.out[e], input(act_.data(), in, Fe_, n), ex.out_b.defined() ? ex.out_b.data_ptr<float>() + e * D_ : nullptr,
+      product<T>(ex.out[e], input(act_.data(), in, Fe_, n), ex.out_b.defined() ? ex.out_b.data_ptr<float>() + e * D_ : nullptr,
                y_.data(), n, false);
       for (int64_t r = 0; r < n; ++r) {  // combine, weighted by the gate
         float* xr = x_.data() + rows[r] * D_;
@@ -802,7 +879,7 @@ class DecodeStep {
     for (const Layer& layer : layers_) {
       // attention: x += proj(attend(qkv(norm(x))))
       norm(x_.data(), layer.attn_norm_w, layer.attn_norm_b, h_.data());
-      apply<T>(layer.qkv, input(h_.data(), in, D_), ptr_or_null(layer.qkv_b), qkv_.data(), B_, false);
+      product<T>(layer.qkv, input(h_.data(), in, D_), ptr_or_null(layer.qkv_b), qkv_.data(), B_, false);
       T* kc = reinterpret_cast<T*>(layer.k_cache.data_ptr());
       T* vc = reinterpret_cast<T*>(layer.v_cache.data_ptr());
       for (int64_t b = 0; b < B_; ++b) {
@@ -828,7 +905,7 @@ class DecodeStep {
                     scores_.data() + bh * S_, att_.data() + b * Hq_ * d_ + hq * d_);
         }
       });
-      apply<T>(layer.proj, input(att_.data(), in, Hq_ * d_), ptr_or_null(layer.proj_b), x_.data(), B_, true);
+      product<T>(layer.proj, input(att_.data(), in, Hq_ * d_), ptr_or_null(layer.proj_b), x_.data(), B_, true);
 
       // feed-forward: x += ffn(norm(x)), dense or mixture of experts
       norm(x_.data(), layer.ffn_norm_w, layer.ffn_norm_b, h_.data());
@@ -844,10 +921,10 @@ class DecodeStep {
       ++moe_layer;
     }
     norm(x_.data(), final_norm_w_, final_norm_b_, h_.data());
-    apply<T>(lm_head_, input(h_.data(), in, D_), nullptr, logits, B_, false);
+    product<T>(lm_head_, input(h_.data(), in, D_), nullptr, logits, B_, false);
   }
 
-  int64_t L_, D_, Hq_, Hkv_, d_, F_, V_, block_, B_, S_, E_, K_, Fe_, padded_rows_, n_moe_ = 0;
+  int64_t L_, D_, Hq_, Hkv_, d_, F_, V_, block_, B_, S_, E_, K_, Fe_, padded_rows_, amx_min_, n_moe_ = 0;
   bool rmsnorm_, rope_, bf16_;
   int ffn_, router_;
   float eps_;
