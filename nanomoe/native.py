@@ -168,12 +168,13 @@ class NativeDecodeStep:
         B, max_len = cache.k[0].shape[0], cache.max_len
         dims = [cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size, cfg.block_size,
                 B, max_len, cfg.n_experts, cfg.top_k if cfg.is_moe else 0, cfg.expert_hidden if cfg.is_moe else 0]
+        self._moe = cfg.is_moe
         self._step = module.DecodeStep(globals_, layers, dims, [cfg.norm, cfg.position, cfg.ffn, cfg.router],
                                        float(cfg.norm_eps))
 
     def __call__(self, tokens_B: torch.Tensor, slot: int, pad_B: torch.Tensor):
         logits, experts = self._step.step(tokens_B, slot, pad_B)
-        return logits, list(experts.unbind(0))
+        return logits, list(experts.unbind(0)) if self._moe else []
 
 
 def native_decode_available(model) -> bool:
