@@ -1,18 +1,20 @@
 """The native decode step: one C++ call per token on the CPU (csrc/decode_step.cpp), dense or MoE.
 
-`Decoder(compile=True)` uses it when the model qualifies (CPU, fp32 or bf16 weights) and falls
-back to `torch.compile` (dense) or eager decoding (MoE) otherwise. The extension is compiled with the machine's C++ compiler
-on first use (about a minute, once: torch keeps the build under ~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR) for the CPU it runs on (-march=native, so AVX512-BF16 dot products where the
-CPU has them). NANOMOE_NATIVE_DECODE=0 turns it off (then torch.compile decodes).
+`Decoder(compile=True)` uses it when the model qualifies (CPU, fp32 or bf16 weights, eval mode) and
+falls back to `torch.compile` (dense) or eager decoding (MoE) otherwise. The extension is compiled
+with the machine's C++ compiler on first use (~30 s, once: torch keeps the build under
+~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR) for the CPU it runs on (-march=native:
+AVX512-BF16 dot products and AMX tiles where the CPU has them). NANOMOE_NATIVE_DECODE=0 turns it off.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -39,8 +41,6 @@ def _cpu_tag() -> str:
                 break
     except OSError:
         pass
-    import platform
-
     return hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__}".encode()).hexdigest()[:10]
 
 
@@ -65,8 +65,6 @@ def _put_ninja_on_path() -> None:
 def _warn_of_a_stale_lock(lock: Path, stale_after_s: float = 600) -> None:
     """torch waits without a timeout on the lock file of a build in progress; a build killed hard
     (kill -9, out of memory) leaves it behind and every later build waits forever."""
-    import time
-
     try:
         age = time.time() - lock.stat().st_mtime
     except OSError:
@@ -92,7 +90,7 @@ def load_extension():
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         _warn_of_a_stale_lock(build_dir / "lock")
         if not any(build_dir.glob("*.so")):
-            print("nanomoe: building the native decode step (once per machine, about a minute)...", file=sys.stderr)
+            print("nanomoe: building the native decode step (once per machine, ~30 s)...", file=sys.stderr)
         _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                      verbose=False)
     except Exception as e:  # no compiler, no headers, ...: decoding still works through torch.compile
