@@ -74,25 +74,30 @@ def _warn_of_a_stale_lock(lock: Path, stale_after_s: float = 600) -> None:
               "interrupted one left it: delete it", file=sys.stderr)
 
 
+def build_extension(flags: list[str]):
+    """Build (or load the cached build of) the extension with these compiler flags."""
+    from torch.utils import cpp_extension
+
+    _put_ninja_on_path()
+    # one build per source version, flags and kind of CPU: two checkouts (or a CI run next to a dev
+    # tree) sharing ~/.cache never load or rebuild each other's extension
+    source_hash = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:8]
+    name = f"nanomoe_decode_step_{_cpu_tag()}_{source_hash}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    _warn_of_a_stale_lock(build_dir / "lock")
+    if not any(build_dir.glob("*.so")):
+        print("nanomoe: building the native decode step (once per machine, ~30 s)...", file=sys.stderr)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              verbose=False)
+
+
 def load_extension():
     """The compiled module, building it on first use; None (and a warning, once) if it cannot be built."""
     global _module, _build_error
     if _module is not None or _build_error is not None:
         return _module
     try:
-        from torch.utils import cpp_extension
-
-        _put_ninja_on_path()
-        # one build per source version and kind of CPU: two checkouts (or a CI run next to a dev
-        # tree) sharing ~/.cache never load or rebuild each other's extension
-        source_hash = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:8]
-        name = f"nanomoe_decode_step_{_cpu_tag()}_{source_hash}"
-        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        _warn_of_a_stale_lock(build_dir / "lock")
-        if not any(build_dir.glob("*.so")):
-            print("nanomoe: building the native decode step (once per machine, ~30 s)...", file=sys.stderr)
-        _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                                     verbose=False)
+        _module = build_extension(FLAGS)
     except Exception as e:  # no compiler, no headers, ...: decoding still works through torch.compile
         _build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         warnings.warn(f"the native decode step could not be built ({_build_error}); decoding uses torch.compile",

@@ -2,6 +2,7 @@
 every dense architecture it claims, batched or not, fp32 and bf16; and a clean fallback elsewhere."""
 
 import copy
+import platform
 import shutil
 
 import pytest
@@ -111,6 +112,30 @@ def test_native_step_in_bf16_tracks_the_same_weights_in_fp32(extension, arch, ba
                 total += a.numel()
     if total:  # rounding may flip a near-tie between two experts, rarely
         assert agree >= 0.9 * total
+
+
+@pytest.mark.slow
+def test_the_portable_build_without_avx512_gives_the_same_logits(extension):
+    """Most laptops have no AVX-512: the same source built for baseline x86-64 (scalar fallbacks
+    everywhere) must compile and match the model. Its own build, cached like the main one."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the baseline build is an x86-64 target")
+    portable = native.build_extension(["-O3", "-march=x86-64", "-fopenmp"])
+    assert not portable.has_avx512_bf16()
+    for arch in ("llama", "seed-moe"):
+        model = make_model(arch)
+        prompts = [[1, 2, 3], [4]]
+        eager, other = Decoder(model, 2, 32), Decoder(model, 2, 32)
+        step = native.NativeDecodeStep(portable, model, other.cache)
+        with torch.inference_mode():
+            ref, _ = eager.prefill(prompts)
+            other.prefill(prompts)
+            for slot in range(3, 8):
+                tokens = ref.argmax(-1)
+                ref, ref_experts = eager.step(tokens)
+                got, got_experts = step(tokens, slot, other.pad_B)
+                torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+                assert all(torch.equal(a, b) for a, b in zip(ref_experts, got_experts))
 
 
 def test_native_step_reads_the_cache_the_prompt_filled_and_continues_it(extension):

@@ -939,7 +939,8 @@ class DecodeStep {
 }  // namespace (internal linkage: two builds loaded in one process cannot interpose each other's code)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  py::class_<DecodeStep>(m, "DecodeStep")
+  // module_local: builds with other flags (tests/test_native_decode.py) load next to this one
+  py::class_<DecodeStep>(m, "DecodeStep", py::module_local())
       .def(py::init<Named, std::vector<Named>, std::vector<int64_t>, std::vector<std::string>, double>())
       .def("step", &DecodeStep::step, py::call_guard<py::gil_scoped_release>());
   m.def("set_pack_min_batch", [](int64_t b) { PACK_MIN_BATCH = b; });
