@@ -7,8 +7,8 @@ Layers, from the bottom up:
   every row has its own positions and an attention mask that hides its padding, so a short prompt
   gives the same tokens whether it is alone or batched with longer ones. The one-token decode step
   has fixed shapes at every position (the cache is written at a tensor slot), so `torch.compile`
-  builds it once and reuses it for every token; dense models on the CPU run it as one C++ call
-  instead (nanomoe/native.py).
+  builds it once and reuses it for every token; on the CPU models run it as one C++ call instead
+  (nanomoe/native.py).
 - `stream`: the token loop, one `Step` per new token position, with early stop per row.
 - `generate` (what `GPT.generate` calls) returns a (B, T + new) tensor; `generate_batch` takes
   prompts of different lengths and returns each row's new tokens; `stream_text` adds incremental
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .model import GPT, apply_rope
-from .native import native_decode_step
+from .native import native_decode_available, native_decode_step
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
@@ -233,6 +233,14 @@ def compiled_decode_step():
     return _compiled_decode_step
 
 
+def decode_backend(model: GPT, compile: bool, native: bool = True) -> str:
+    """Which one-token step a Decoder runs: "native" (the C++ step, on the CPU, where it builds and
+    takes the model), "compiled" (torch.compile, dense models) or "eager"."""
+    if compile and native and native_decode_available(model):
+        return "native"
+    return "compiled" if compile and not model.config.is_moe else "eager"
+
+
 def cache_length(n_positions: int, block_size: int, multiple: int = 64) -> int:
     """Cache slots for `n_positions`: rounded up to a multiple of 64 (so a compiled step is reused
     across nearby lengths), at most block_size."""
@@ -248,7 +256,7 @@ class Decoder:
 
     `experts` holds, per MoE layer, the experts each row's token went to: (B, K) after a step,
     (B, T, K) after prefill (padding included). The prompt always runs through the model itself;
-    with compile=True the one-token steps of a dense model run compiled, `self.backend` says how:
+    with compile=True the one-token steps run compiled, `self.backend` says how (`decode_backend`):
 
     - "native": one C++ call per token, dense or MoE (nanomoe/native.py: CPU, fp32 or bf16
       weights; built once per machine). It reads the model's weights as they are when the decoder
@@ -276,10 +284,10 @@ class Decoder:
         self.pad_B = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         self.next_slot = 0
         self._slot = torch.zeros(1, dtype=torch.long, device=weight.device)  # reused: no tensor built per token
-        # compile=True: the native C++ step where the model qualifies (nanomoe/native.py) unless
-        # native=False, else torch.compile for dense models; MoE models otherwise stay eager
-        self._native = native_decode_step(model, self.cache) if compile and native else None
-        self.backend = "native" if self._native else "compiled" if compile and not cfg.is_moe else "eager"
+        self.backend = decode_backend(model, compile, native)
+        self._native = native_decode_step(model, self.cache) if self.backend == "native" else None
+        if self.backend == "native" and self._native is None:  # the extension refused the model (it warned)
+            self.backend = decode_backend(model, compile, native=False)
         self.compiled = self.backend == "compiled"
         self._step = compiled_decode_step() if self.compiled else _decode_step
 
@@ -321,10 +329,9 @@ class Decoder:
             raise ConfigError(f"the cache holds {self.max_len} positions and is full")
         if self._native is not None:
             logits, experts = self._native(tokens_B, self.next_slot, self.pad_B)
-            self.next_slot += 1
-            return logits, experts
-        self.cache.write_slots = self._slot.fill_(self.next_slot)
-        logits, experts = self._step(self.model, tokens_B, self.cache, self.pad_B, self._span())
+        else:
+            self.cache.write_slots = self._slot.fill_(self.next_slot)
+            logits, experts = self._step(self.model, tokens_B, self.cache, self.pad_B, self._span())
         self.next_slot += 1
         return logits, experts
 

@@ -3,8 +3,8 @@
 Three measurements, each a full `generate_batch` call (prompt, then `--new-tokens` greedy tokens,
 no early stop) timed end to end:
 
-- batch 1 with the static KV cache (the fast path: the native C++ step for a dense model on the
-  CPU, else torch.compile; eager with --no-compile),
+- batch 1 with the static KV cache (the fast path: the native C++ step on the CPU, else
+  torch.compile for a dense model; eager with --no-compile),
 - batch 1 without a cache (every token reruns the whole sequence: the baseline the cache beats),
 - `--batch-size` rows (32) with the cache: batched throughput, new tokens of all rows per second.
 
@@ -53,7 +53,7 @@ def load_model(args):
 
 def run(args) -> dict:
     from ..errors import ConfigError
-    from ..generation import Decoder, cache_length, generate_batch
+    from ..generation import Decoder, cache_length, decode_backend, generate_batch
     from .timing import _cpu_ticks, _foreign_ticks
 
     for flag in ("new_tokens", "prompt_tokens", "batch_size", "repeats"):
@@ -90,7 +90,7 @@ def run(args) -> dict:
             return seconds
 
     batched = f"batch{args.batch_size}"
-    backend = Decoder(model, 1, 1, compile=args.compile).backend
+    backend = decode_backend(model, args.compile)
     cases = {"batch1": Case(1, compile=args.compile)}
     if backend != "eager":
         cases["batch1_eager"] = Case(1)

@@ -150,12 +150,10 @@ def cmd_generate(args) -> int:
                 print(f"--- sample {i + 1}/{len(rows)} ---")
             print(p + t)
     sys.stdout.flush()
-    note = ""
-    if args.compile:
-        from ..native import native_decode_available
+    from ..generation import decode_backend
 
-        if not native_decode_available(ckpt.model) and not ckpt.model_config.is_moe:
-            note = "; torch.compile: the first call includes compiling"
+    compiled = decode_backend(ckpt.model, args.compile) == "compiled"
+    note = "; torch.compile: the first call includes compiling" if compiled else ""
     print(f"[{total} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{note}]", file=sys.stderr)
     return 0
 
