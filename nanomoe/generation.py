@@ -96,7 +96,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 # Top-p first looks for the nucleus among this many most likely tokens (a full sort of a 2048-token
-# vocabulary took ~100 us on the CPU, as long as a whole decode step of a small model)
+# vocabulary takes 65-120 us on the CPU, a sizable share of a small model's decode step:
+# benchmarks/sampling_cost.py)
 NUCLEUS_SHORTLIST = 64
 
 
