@@ -19,7 +19,7 @@ from nanomoe.errors import CheckpointError, ConfigError
 from nanomoe.presets import get_preset
 from nanomoe.training import checkpoint as ckpt
 from nanomoe.training.config import TrainConfig
-from nanomoe.training.trainer import Trainer, TrainingError
+from nanomoe.training.trainer import Trainer, TrainingError, clip_grad_norm
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,34 @@ def capture_gradients(trainer):
 
     trainer.optimizer.step = step
     return captured
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 100.0, 0.0])
+def test_clip_grad_norm_matches_torch_and_skips_the_no_op_multiply(max_norm, monkeypatch):
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.zeros(n)) for n in (7, 300, 1)]
+        for p in ps[:2]:  # the last has no gradient, as a frozen parameter
+            p.grad = torch.randn(p.shape, generator=gen)
+        return ps
+
+    ours, ref = params(), params()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in ref[:2]]).item()  # ~17.4
+    multiplies = []
+    real = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: multiplies.append(1) or real(*a, **k))
+    got = clip_grad_norm(ours, max_norm)
+    if max_norm > 0:
+        expected = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    else:
+        expected = torch.nn.utils.get_total_norm([p.grad for p in ref[:2]])
+    assert got.item() == expected.item() == pytest.approx(norm)
+    for a, b in zip(ours[:2], ref[:2]):
+        assert torch.equal(a.grad, b.grad)  # bit for bit what torch does
+    assert ours[2].grad is None
+    assert len(multiplies) == (1 if 0 < max_norm < norm else 0)
+    if 0 < max_norm < norm:
+        assert torch.nn.utils.get_total_norm([p.grad for p in ours[:2]]).item() == pytest.approx(max_norm, rel=1e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
