@@ -304,11 +304,7 @@ class GPT(nn.Module):
             valid = has_target.flip(-1).cummax(dim=-1).values.flip(-1).bool()  # a real target at or after t
             if bool(valid.all()):
                 valid = None
-        moe_stats: list[MoEStats] = []
-        for block in self.blocks:
-            x, stats = block(x, rope, kv_cache, start_pos, attn_mask, valid)
-            if stats is not None:
-                moe_stats.append(stats)
+        x, moe_stats = self._run_blocks(x, rope, kv_cache, start_pos, attn_mask, valid)
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)
 
         out = ModelOutput(logits=logits, moe=moe_stats, aux_loss=self.aux_loss(moe_stats))
@@ -322,6 +318,17 @@ class GPT(nn.Module):
             out.loss = loss_sum / n.clamp(min=1)
             out.n_loss_tokens = n
         return out
+
+    def _run_blocks(self, x, rope, kv_cache, start_pos, attn_mask, valid) -> tuple[torch.Tensor, list[MoEStats]]:
+        # A function of its own for torch.compile: the MoE dispatch is a graph break, and a break in a
+        # loop makes dynamo run the whole frame eagerly. Here that frame is only the loop; each block,
+        # and the head and loss after it, are still compiled.
+        moe_stats: list[MoEStats] = []
+        for block in self.blocks:
+            x, stats = block(x, rope, kv_cache, start_pos, attn_mask, valid)
+            if stats is not None:
+                moe_stats.append(stats)
+        return x, moe_stats
 
     def aux_loss(self, moe_stats: list[MoEStats]) -> torch.Tensor:
         """Sum over MoE layers of the balancing terms weighted by their config coefficients."""

@@ -59,30 +59,54 @@ class MoEStats:
 # Balancing losses (standalone so they can be tested against their formulas)
 
 
-def load_balance_loss(router_probs_NE: torch.Tensor, expert_indices_NK: torch.Tensor) -> torch.Tensor:
+def expert_counts(expert_indices_NK: torch.Tensor, n_experts: int, valid_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Assignments per expert (int64, (E,)), counting only tokens with valid_N True when given.
+
+    A scatter-add rather than torch.bincount: the output shape does not depend on the data, so
+    torch.compile traces it without breaking the graph."""
+    ones_NK = torch.ones_like(expert_indices_NK)
+    if valid_N is not None:
+        ones_NK = ones_NK * valid_N.unsqueeze(-1)
+    counts_E = torch.zeros(n_experts, dtype=torch.long, device=expert_indices_NK.device)
+    return counts_E.scatter_add_(0, expert_indices_NK.reshape(-1), ones_NK.reshape(-1))
+
+
+def _masked_mean(values_N: torch.Tensor, valid_N: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the first dim of the rows with valid_N True (0 when there are none)."""
+    if valid_N is None:
+        return values_N.mean(dim=0)
+    weights = valid_N.to(values_N.dtype).reshape(-1, *([1] * (values_N.dim() - 1)))
+    return (values_N * weights).sum(dim=0) / weights.sum().clamp(min=1)
+
+
+def load_balance_loss(
+    router_probs_NE: torch.Tensor, expert_indices_NK: torch.Tensor, valid_N: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer auxiliary loss (Fedus et al. 2021, eqs. 4-6), generalized to top-k.
 
     loss = E * sum_i f_i * P_i, with f_i the fraction of the N*K assignments sent to expert i and
     P_i the mean router probability of expert i. Equals 1.0 for perfectly uniform routing and grows
-    with imbalance; gradients flow through P only (f is a count).
+    with imbalance; gradients flow through P only (f is a count). valid_N: only these tokens count
+    (padding does not); 0 when there are none.
     """
-    n_experts = router_probs_NE.shape[-1]
-    if expert_indices_NK.numel() == 0:  # no real tokens (an all-padding batch)
+    N, n_experts = router_probs_NE.shape
+    if N == 0:  # no tokens at all
         return router_probs_NE.sum() * 0.0
-    counts_E = torch.bincount(expert_indices_NK.reshape(-1), minlength=n_experts)
-    f_E = counts_E.to(router_probs_NE.dtype) / expert_indices_NK.numel()
-    p_E = router_probs_NE.mean(dim=0)
+    counts_E = expert_counts(expert_indices_NK, n_experts, valid_N)
+    f_E = counts_E.to(router_probs_NE.dtype) / counts_E.sum().clamp(min=1)
+    p_E = _masked_mean(router_probs_NE, valid_N)
     return n_experts * torch.sum(f_E * p_E)
 
 
-def router_z_loss(router_logits_NE: torch.Tensor) -> torch.Tensor:
+def router_z_loss(router_logits_NE: torch.Tensor, valid_N: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2.
 
     Penalizes large router logits, which make the fp32 softmax (and bf16 training) unstable.
+    valid_N: only these tokens count; 0 when there are none.
     """
     if router_logits_NE.shape[0] == 0:
         return router_logits_NE.sum() * 0.0
-    return torch.logsumexp(router_logits_NE, dim=-1).pow(2).mean()
+    return _masked_mean(torch.logsumexp(router_logits_NE, dim=-1).pow(2), valid_N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,28 +244,32 @@ class MoEFeedForward(nn.Module):
         x_ND = x_BTD.reshape(B * T, D)
         valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
         routing = self.router(x_ND)
-        n_real = B * T if valid_N is None else int(valid_N.sum())
+        out_ND, dropped_fraction = self._dispatch(x_ND, routing, valid_N)
+        if self.shared_expert is not None:
+            out_ND = out_ND + self.shared_expert(x_ND)
+        stats = MoEStats(
+            load_balance_loss=load_balance_loss(routing.router_probs_NE, routing.expert_indices_NK, valid_N),
+            z_loss=router_z_loss(routing.router_logits_NE, valid_N),
+            tokens_per_expert=expert_counts(routing.expert_indices_NK, self.n_experts, valid_N),
+            router_probs=routing.router_probs_NE,
+            expert_indices=routing.expert_indices_NK,
+            dropped_fraction=dropped_fraction,
+        )
+        return out_ND.reshape(B, T, D), stats
+
+    @torch.compiler.disable  # data-dependent shapes: torch.compile runs this part eagerly, the rest compiled
+    def _dispatch(self, x_ND: torch.Tensor, routing: RouterOutput, valid_N: torch.Tensor | None):
+        """The experts' combined output (N, D) and the fraction of assignments dropped (0-d tensor)."""
+        n_real = x_ND.shape[0] if valid_N is None else int(valid_N.sum())
         # Capacity limits bind only in training: at inference every token gets its experts, so an
         # output never depends on what else is in the batch (Mixtral and the HF export assume this).
         capacity = expert_capacity(n_real, self.top_k, self.n_experts, self.capacity_factor) if self.training else None
         out_ND, n_kept = dispatch_and_combine(
             x_ND, routing.expert_indices_NK, routing.expert_weights_NK, self.experts, capacity, valid_N
         )
-        if self.shared_expert is not None:
-            out_ND = out_ND + self.shared_expert(x_ND)
-        probs_NE, logits_NE, indices_NK = routing.router_probs_NE, routing.router_logits_NE, routing.expert_indices_NK
-        if valid_N is not None:
-            probs_NE, logits_NE, indices_NK = probs_NE[valid_N], logits_NE[valid_N], indices_NK[valid_N]
-        n_assignments = indices_NK.numel()
-        stats = MoEStats(
-            load_balance_loss=load_balance_loss(probs_NE, indices_NK),
-            z_loss=router_z_loss(logits_NE),
-            tokens_per_expert=torch.bincount(indices_NK.reshape(-1), minlength=self.n_experts),
-            router_probs=routing.router_probs_NE,
-            expert_indices=routing.expert_indices_NK,
-            dropped_fraction=torch.tensor((n_assignments - n_kept) / max(n_assignments, 1), device=x_BTD.device),
-        )
-        return out_ND.reshape(B, T, D), stats
+        n_assignments = n_real * self.top_k
+        dropped = torch.tensor((n_assignments - n_kept) / max(n_assignments, 1), device=x_ND.device)
+        return out_ND, dropped
 
     def update_selection_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         if self.router_bias_update_rate > 0:
