@@ -101,6 +101,8 @@ def run(args) -> dict:
         "seq_len": next(iter(trainers.values())).seq_len,
         "threads": torch.get_num_threads(),
         "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
         "device": str(device),
         "models": results,
     }
@@ -150,7 +152,11 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=0, help="0 = the model's block_size")
     p.add_argument("--precision", choices=["bf16", "fp32", "fp16"], default="bf16")
     p.add_argument("--steps", type=int, default=10, help="measured steps per model (median reported)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--warmup", type=int, default=10,
+        help="untimed steps per model: an MoE meets new expert row counts (oneDNN compiles a kernel for "
+        "each) for its first ~10 steps; with --compile, also the compilation",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
