@@ -1,10 +1,15 @@
-"""The native decode step: one C++ call per token on the CPU (csrc/decode_step.cpp), dense or MoE.
+"""The native extension (nanomoe/csrc): the decode step and the expert training kernels, on the CPU.
 
-`Decoder(compile=True)` uses it when the model qualifies (CPU, fp32 or bf16 weights, eval mode) and
-falls back to `torch.compile` (dense) or eager decoding (MoE) otherwise. The extension is compiled
-with the machine's C++ compiler on first use (~30 s, once: torch keeps the build under
-~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR) for the CPU it runs on (-march=native:
-AVX512-BF16 dot products and AMX tiles where the CPU has them). NANOMOE_NATIVE_DECODE=0 turns it off.
+- Decode step (csrc/decode_step.cpp): one C++ call per token. `Decoder(compile=True)` uses it when
+  the model qualifies (CPU, fp32 or bf16 weights, eval mode) and falls back to `torch.compile`
+  (dense) or eager decoding (MoE) otherwise. NANOMOE_NATIVE_DECODE=0 turns it off.
+- Expert kernels (csrc/experts.cpp): forward and backward of the MoE layer's experts in training,
+  each expert on one thread (nanomoe/grouped_ffn.py uses them on the CPU; without them it runs the
+  same math in Python). NANOMOE_NATIVE_EXPERTS=0 turns them off.
+
+NANOMOE_NATIVE=0 turns both off. The extension is compiled with the machine's C++ compiler on first
+use (~30 s, once: torch keeps the build under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)
+for the CPU it runs on (-march=native: AVX512-BF16 dot products and AMX tiles where the CPU has them).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "module.cpp", CSRC / "decode_step.cpp", CSRC / "experts.cpp"]
+HEADERS = [CSRC / "simd.h"]
 
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragmas only take effect when the
 # extension itself is built with OpenMP; it then shares torch's libgomp (same soname, loaded first).
@@ -81,14 +88,15 @@ def build_extension(flags: list[str]):
     _put_ninja_on_path()
     # one build per source version, flags and kind of CPU: two checkouts (or a CI run next to a dev
     # tree) sharing ~/.cache never load or rebuild each other's extension
-    source_hash = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:8]
-    name = f"nanomoe_decode_step_{_cpu_tag()}_{source_hash}"
+    code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    source_hash = hashlib.sha1(code + " ".join(flags).encode()).hexdigest()[:8]
+    name = f"nanomoe_native_{_cpu_tag()}_{source_hash}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     _warn_of_a_stale_lock(build_dir / "lock")
     if not any(build_dir.glob("*.so")):
-        print("nanomoe: building the native decode step (once per machine, ~30 s)...", file=sys.stderr)
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                              verbose=False)
+        print("nanomoe: building the native kernels (once per machine, ~30-60 s)...", file=sys.stderr)
+    return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=flags,
+                              extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], verbose=False)
 
 
 def load_extension():
@@ -98,17 +106,29 @@ def load_extension():
         return _module
     try:
         _module = build_extension(FLAGS)
-    except Exception as e:  # no compiler, no headers, ...: decoding still works through torch.compile
+    except Exception as e:  # no compiler, no headers, ...: everything still runs through torch
         _build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        warnings.warn(f"the native decode step could not be built ({_build_error}); decoding uses torch.compile",
-                      stacklevel=2)
+        warnings.warn(f"the native kernels could not be built ({_build_error}); decoding uses torch.compile "
+                      "and MoE training the Python expert path", stacklevel=2)
     return _module
+
+
+def _enabled(variable: str) -> bool:
+    return os.environ.get("NANOMOE_NATIVE", "1") != "0" and os.environ.get(variable, "1") != "0"
+
+
+def experts_module():
+    """The extension for the expert training kernels, or None when they are turned off or cannot be
+    built (the caller then runs its Python path)."""
+    if not _enabled("NANOMOE_NATIVE_EXPERTS"):
+        return None
+    return load_extension()
 
 
 def unsupported_reason(model) -> str | None:
     """Why `model` cannot decode natively, or None if it can."""
-    if os.environ.get("NANOMOE_NATIVE_DECODE", "1") == "0":
-        return "NANOMOE_NATIVE_DECODE=0"
+    if not _enabled("NANOMOE_NATIVE_DECODE"):
+        return "NANOMOE_NATIVE=0 or NANOMOE_NATIVE_DECODE=0"
     weight = model.tok_emb.weight
     if weight.device.type != "cpu":
         return f"the model is on {weight.device.type}, the native step runs on the CPU"

@@ -19,6 +19,22 @@ from nanomoe.moe import (
 from nanomoe.presets import get_preset
 
 
+@pytest.fixture(autouse=True, params=["native", "python"])
+def expert_path(request, monkeypatch):
+    """Every test here runs through both expert paths on the CPU: the native kernels
+    (csrc/experts.cpp) and the Python loop of grouped_ffn.py."""
+    if request.param == "python":
+        monkeypatch.setenv("NANOMOE_NATIVE_EXPERTS", "0")
+    else:
+        from nanomoe import native
+
+        monkeypatch.delenv("NANOMOE_NATIVE", raising=False)
+        monkeypatch.delenv("NANOMOE_NATIVE_EXPERTS", raising=False)
+        if native.experts_module() is None:
+            pytest.skip(f"the native kernels did not build: {native._build_error}")
+    return request.param
+
+
 def make_layer(router="topk", top_k=2, n_shared=0, ffn="swiglu", bias=False, capacity_factor=0.0, n_experts=4):
     cfg = get_preset(
         "debug",

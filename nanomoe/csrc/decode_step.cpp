@@ -21,9 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 #if defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -32,26 +30,12 @@
 namespace {
 
 using at::Tensor;
+using namespace nanomoe_simd;
 
 // Batch sizes from which weights are repacked for the batched kernel (below it, matrix-vector).
 int64_t PACK_MIN_BATCH = 2;
 // and from which the packed weights go through AMX tiles (where the CPU has them)
 int64_t AMX_MIN_BATCH = 8;
-
-inline float bf16_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
 
 // ------------------------------------------------------------------------------------------------
 // Four dot products of one input row x (K) with four weight rows: the weight rows are read once
@@ -124,34 +108,6 @@ inline void dot4(const uint16_t* x, const uint16_t* const w[4], int64_t K, float
   }
 #endif
 }
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define NANOMOE_VECTOR_ATTENTION 1
-// e^x, 16 lanes: 2^n e^r with |r| <= ln2/2 and a degree-6 Taylor polynomial (relative error
-// ~1e-7); inputs clamped to where fp32 e^x is finite and normal.
-inline __m512 exp_vec(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts (Cody-Waite)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 m) {  // bf16 -> fp32 is a 16-bit shift
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-#endif
 
 // Y (B, N) = X (B, K) W^T (+ bias) (+ Y if accumulate), W (N, K) row-major as nn.Linear stores it.
 // Threads split the output rows; each block of four weight rows serves every input row while it
@@ -359,10 +315,6 @@ void apply(const Matrix& m, const T* X, const float* bias, float* Y, int64_t B, 
   linear<T>(X, reinterpret_cast<const T*>(m.w.data_ptr()), bias, Y, B, m.K, m.N, accumulate);
 }
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
 // Matrix inputs in the weights' type: bf16 weights take bf16 inputs (the dot-product instruction
 // multiplies bf16 pairs), fp32 weights the fp32 activations as they are.
@@ -389,7 +341,7 @@ void attend(const float* q, const T* q_in, const T* keys, const T* values, int64
   const float scale = 1.f / std::sqrt(float(d));
   const int64_t n = hi - lo + 1;
   float top = -INFINITY;
-#if defined(NANOMOE_VECTOR_ATTENTION)
+#if defined(NANOMOE_AVX512)
   for (int64_t s = 0; s < n; s += 4) {  // four keys per pass: the matrix-vector kernel's dot products
     const int64_t rows = std::min<int64_t>(4, n - s);
     const T* w[4];
@@ -433,7 +385,7 @@ void attend(const float* q, const T* q_in, const T* keys, const T* values, int64
 // pre-activation for gelu (tanh approximation, kind 1) or relu (kind 0); a gets F values.
 void activation(const float* f, float* a, int64_t F, int kind) {
   int64_t j = 0;
-#if defined(NANOMOE_VECTOR_ATTENTION)
+#if defined(NANOMOE_AVX512)
   const __m512 one = _mm512_set1_ps(1.f);
   for (; j + 16 <= F; j += 16) {
     const __m512 v = _mm512_loadu_ps(f + j);
@@ -938,7 +890,8 @@ class DecodeStep {
 
 }  // namespace (internal linkage: two builds loaded in one process cannot interpose each other's code)
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+// hidden: two builds loaded in one process (tests do) cannot bind each other's function
+__attribute__((visibility("hidden"))) void register_decode_step(pybind11::module& m) {
   // module_local: builds with other flags (tests/test_native_decode.py) load next to this one
   py::class_<DecodeStep>(m, "DecodeStep", py::module_local())
       .def(py::init<Named, std::vector<Named>, std::vector<int64_t>, std::vector<std::string>, double>())

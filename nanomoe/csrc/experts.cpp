@@ -1,0 +1,218 @@
+// Training kernels of the grouped expert feed-forward (nanomoe/grouped_ffn.py) on the CPU:
+// forward and backward of every expert's block of rows, experts shared out over the threads.
+//
+// Why: a small MoE layer is ~9 matrix products per expert of ~1000 rows. Split over two cores, such
+// a product gains only ~1.5x from the second core (oneDNN splits each call and synchronizes); here
+// every expert runs whole on one thread (its products single-threaded, as efficient per FLOP as a
+// big one), experts balanced over the threads by rows, one parallel region per pass. Each thread
+// also does its experts' share of the work around the products while the data is in its cache:
+// the fp32 -> bf16 weight casts, the dispatch gather, the activation (SwiGLU as one fused loop,
+// forward and backward, recomputing silu rather than storing it), and the fp32 weight gradients.
+// Products and the relu/gelu activations are ATen's own kernels, so the results are those of the
+// Python path (grouped_ffn.py) up to the SwiGLU's single rounding.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using at::Tensor;
+using namespace nanomoe_simd;
+
+enum Activation { RELU = 0, GELU = 1, SWIGLU = 2 };
+
+// Experts onto threads: largest block first onto the least loaded thread (rows as the cost).
+std::vector<std::vector<int64_t>> share_out(const std::vector<int64_t>& rows, int64_t threads) {
+  std::vector<int64_t> order(rows.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rows[a] > rows[b]; });
+  std::vector<std::vector<int64_t>> bins(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t e : order) {
+    if (rows[e] == 0) continue;
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    bins[t].push_back(e);
+    load[t] += rows[e];
+  }
+  return bins;
+}
+
+// body(e, first row, rows) for every expert with rows, each expert on one thread.
+template <typename F>
+void each_expert(const std::vector<int64_t>& rows, F&& body) {
+  std::vector<int64_t> first(rows.size(), 0);
+  for (size_t e = 1; e < rows.size(); ++e) first[e] = first[e - 1] + rows[e - 1];
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const auto bins = share_out(rows, threads);
+  // grad and inference mode are thread-local: the workers take the caller's (the autograd Function
+  // runs without grad; generation runs in inference mode, whose tensors only it may write)
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard same_state(caller);
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t e : bins[t]) body(e, first[e], rows[e]);
+  });
+}
+
+// a = silu(g) * u = g / (1 + e^-g) * u over n elements, in fp32, rounded once.
+template <typename T>
+void swiglu_forward(const T* g, const T* u, T* a, int64_t n) {
+  int64_t i = 0;
+#if defined(NANOMOE_AVX512)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 gv = load16(g + i, m);
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp_vec(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    store16(a + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), load16(u + i, m)), m);
+  }
+#endif
+  for (; i < n; ++i) {
+    const float gv = load(g, i);
+    store(a, i, gv / (1.f + std::exp(-gv)) * load(u, i));
+  }
+}
+
+// From da = dL/da: du = silu(g) da, dg = da u sig(g) (1 + g (1 - sig(g))). dg may alias da.
+template <typename T>
+void swiglu_backward(const T* da, const T* g, const T* u, T* dg, T* du, int64_t n) {
+  int64_t i = 0;
+#if defined(NANOMOE_AVX512)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 gv = load16(g + i, m), dav = load16(da + i, m);
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp_vec(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    store16(du + i, _mm512_mul_ps(dav, _mm512_mul_ps(gv, sig)), m);
+    const __m512 slope = _mm512_mul_ps(sig, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sig), one));
+    store16(dg + i, _mm512_mul_ps(_mm512_mul_ps(dav, load16(u + i, m)), slope), m);
+  }
+#endif
+  for (; i < n; ++i) {
+    const float gv = load(g, i), dav = load(da, i), sig = 1.f / (1.f + std::exp(-gv));
+    store(du, i, dav * gv * sig);
+    store(dg, i, dav * load(u, i) * sig * (1.f + gv * (1.f - sig)));
+  }
+}
+
+// the same on rows [r0, r0 + n) of (R, H) buffers, for fp32 or bf16 data
+void swiglu_forward_rows(const Tensor& g, const Tensor& u, const Tensor& a) {
+  const int64_t n = g.numel();
+  if (g.scalar_type() == at::kFloat) {
+    swiglu_forward(g.data_ptr<float>(), u.data_ptr<float>(), a.data_ptr<float>(), n);
+  } else {
+    swiglu_forward(reinterpret_cast<const uint16_t*>(g.data_ptr()), reinterpret_cast<const uint16_t*>(u.data_ptr()),
+                   reinterpret_cast<uint16_t*>(a.data_ptr()), n);
+  }
+}
+
+void swiglu_backward_rows(const Tensor& da, const Tensor& g, const Tensor& u, const Tensor& dg, const Tensor& du) {
+  const int64_t n = g.numel();
+  if (g.scalar_type() == at::kFloat) {
+    swiglu_backward(da.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(), dg.data_ptr<float>(),
+                    du.data_ptr<float>(), n);
+  } else {
+    auto p = [](const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+    swiglu_backward(p(da), p(g), p(u), p(dg), p(du), n);
+  }
+}
+
+bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
+
+void linear(Tensor out, const Tensor& x, const Tensor& w, const Tensor& b) {  // out = x w (+ b)
+  if (present(b)) {
+    at::addmm_out(out, b, x, w);
+  } else {
+    at::mm_out(out, x, w);
+  }
+}
+
+// Forward. x_src (N, D) in the compute dtype; token (R,) the token of every expert-sorted row;
+// w_in (E, D, F) and w_out (E, H, D) the parameters (F = 2H for swiglu: [gate | up]), b_g, b_u,
+// b_out (E, H), (E, H), (E, D) biases in the compute dtype or empty. Written: x (R, D) the gathered
+// rows; w_g, w_u (E, D, H) and w_o (E, H, D) the weights in the compute dtype (experts with rows
+// only); h (R, H) the gate (or only) pre-activation, u (R, H) the up projection (swiglu), a (R, H)
+// the activation, y (R, D) the expert outputs.
+void forward(const Tensor& x_src, const Tensor& token, const std::vector<int64_t>& rows, int64_t activation,
+             const Tensor& w_in, const Tensor& w_out, const Tensor& b_g, const Tensor& b_u, const Tensor& b_out,
+             Tensor x, Tensor w_g, Tensor w_u, Tensor w_o, Tensor h, Tensor u, Tensor a, Tensor y) {
+  const int64_t H = h.size(1);
+  const bool glu = activation == SWIGLU;
+  each_expert(rows, [&](int64_t e, int64_t r0, int64_t n) {
+    w_g[e].copy_(glu ? w_in[e].narrow(1, 0, H) : w_in[e]);
+    if (glu) w_u[e].copy_(w_in[e].narrow(1, H, H));
+    w_o[e].copy_(w_out[e]);
+    Tensor xe = x.narrow(0, r0, n), he = h.narrow(0, r0, n), ae = a.narrow(0, r0, n);
+    at::index_select_out(xe, x_src, 0, token.narrow(0, r0, n));
+    linear(he, xe, w_g[e], present(b_g) ? b_g[e] : Tensor());
+    if (glu) {
+      Tensor ue = u.narrow(0, r0, n);
+      linear(ue, xe, w_u[e], present(b_u) ? b_u[e] : Tensor());
+      swiglu_forward_rows(he, ue, ae);
+    } else if (activation == RELU) {
+      at::relu_out(ae, he);
+    } else {
+      at::gelu_out(ae, he, "tanh");
+    }
+    linear(y.narrow(0, r0, n), ae, w_o[e], present(b_out) ? b_out[e] : Tensor());
+  });
+}
+
+// Backward. dy (R, D) the gradient of every row's output (gate weights applied); x, w_g, w_u, w_o,
+// h, u, a as the forward wrote them. Written: dx (R, D); dw_in (E, D, F), dw_out (E, H, D) in the
+// parameters' dtype and db_in (E, F), db_out (E, D) in fp32 when given, for experts with rows;
+// da, du (R, H) and dw_g, dw_u (E, D, H), dw_o (E, H, D) are scratch in the compute dtype.
+void backward(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& rows, int64_t activation,
+              const Tensor& w_g, const Tensor& w_u, const Tensor& w_o, const Tensor& h, const Tensor& u,
+              const Tensor& a, Tensor da, Tensor du, Tensor dx, Tensor dw_g, Tensor dw_u, Tensor dw_o, Tensor dw_in,
+              Tensor dw_out, Tensor db_in, Tensor db_out) {
+  const int64_t H = h.size(1);
+  const bool glu = activation == SWIGLU, bias = present(db_in);
+  each_expert(rows, [&](int64_t e, int64_t r0, int64_t n) {
+    const Tensor dye = dy.narrow(0, r0, n), xe = x.narrow(0, r0, n), he = h.narrow(0, r0, n);
+    Tensor dae = da.narrow(0, r0, n), dxe = dx.narrow(0, r0, n);
+    // down projection: da = dy w_o^T, dw_o = a^T dy
+    at::mm_out(dae, dye, w_o[e].t());
+    Tensor dw_oe = dw_o[e];
+    at::mm_out(dw_oe, a.narrow(0, r0, n).t(), dye);
+    dw_out[e].copy_(dw_oe);
+    if (bias) db_out[e].copy_(dye.sum(0, false, at::kFloat));
+    // activation: dh in da's buffer
+    Tensor due;
+    if (glu) {
+      due = du.narrow(0, r0, n);
+      swiglu_backward_rows(dae, he, u.narrow(0, r0, n), dae, due);
+    } else if (activation == RELU) {  // a > 0 exactly where h > 0
+      at::threshold_backward_out(dae, dae, a.narrow(0, r0, n), 0);
+    } else {
+      at::gelu_backward_out(dae, dae, he, "tanh");
+    }
+    // input projection: dx = dh w_g^T (+ du w_u^T), dw = x^T [dh | du]
+    at::mm_out(dxe, dae, w_g[e].t());
+    Tensor dw_ge = dw_g[e];
+    at::mm_out(dw_ge, xe.t(), dae);
+    dw_in[e].narrow(1, 0, H).copy_(dw_ge);
+    if (bias) db_in[e].narrow(0, 0, H).copy_(dae.sum(0, false, at::kFloat));
+    if (glu) {
+      at::addmm_out(dxe, dxe, due, w_u[e].t());
+      Tensor dw_ue = dw_u[e];
+      at::mm_out(dw_ue, xe.t(), due);
+      dw_in[e].narrow(1, H, H).copy_(dw_ue);
+      if (bias) db_in[e].narrow(0, H, H).copy_(due.sum(0, false, at::kFloat));
+    }
+  });
+}
+
+}  // namespace
+
+__attribute__((visibility("hidden"))) void register_experts(pybind11::module& m) {
+  m.def("experts_forward", &forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("experts_backward", &backward, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

@@ -1,0 +1,104 @@
+"""The native expert kernels (csrc/experts.cpp) against the Python path of grouped_ffn.py."""
+
+import itertools
+import platform
+
+import pytest
+import torch
+
+import nanomoe.grouped_ffn as grouped
+from nanomoe import native
+from nanomoe.config import ModelConfig
+from nanomoe.moe import MoEFeedForward
+
+
+@pytest.fixture(scope="module")
+def module():
+    m = native.experts_module()
+    if m is None:
+        pytest.skip(f"the native kernels did not build: {native._build_error}")
+    return m
+
+
+def run_layer(monkeypatch, kernels, ffn, bias, dtype, capacity_factor=0.0, tokens=100, n_experts=8):
+    """Output, input gradient and parameter gradients of one MoE layer, through `kernels` (the
+    extension module) or through the Python path (None)."""
+    used = []
+    monkeypatch.setattr(grouped, "_native_module", lambda *a: used.append(kernels) or kernels)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=256, n_layer=1, n_head=1, n_embd=64, ffn=ffn, n_experts=n_experts,
+                      top_k=2, expert_hidden=96, router="topk", bias=bias, capacity_factor=capacity_factor)
+    layer = MoEFeedForward(cfg).train()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, tokens // 2, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        out, _ = layer(x)
+    out.float().pow(2).sum().backward()
+    assert used and all(u is kernels for u in used)
+    return [out.detach().float(), x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("ffn,bias,dtype,capacity_factor",
+                         list(itertools.product(["swiglu", "relu", "gelu"], [False, True], ["fp32", "bf16"], [0.0, 0.5])))
+def test_native_kernels_match_the_python_path(module, monkeypatch, ffn, bias, dtype, capacity_factor):
+    got = run_layer(monkeypatch, module, ffn, bias, dtype, capacity_factor)
+    expected = run_layer(monkeypatch, None, ffn, bias, dtype, capacity_factor)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        if ffn != "swiglu":  # the same ATen kernels on the same rows: bit for bit
+            assert torch.equal(g, e)
+        elif dtype == "fp32":
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+        else:  # the fused SwiGLU rounds silu(g) * u once where the Python path rounds twice
+            assert (g - e).abs().max() <= 0.03 * e.abs().max()
+
+
+def test_experts_without_tokens_get_zero_gradients(module, monkeypatch):
+    """16 tokens x top-2 over 64 experts: most experts get no rows; their gradients must be exactly
+    zero (the kernels never touch them; grouped_ffn.py zeroes them)."""
+    got = run_layer(monkeypatch, module, "swiglu", True, "bf16", tokens=16, n_experts=64)
+    w_in_grad, w_out_grad = got[3], got[4]  # after out, dx, router gate: w_in, w_out, b_in, b_out
+    unused = (w_in_grad.abs().sum((1, 2)) == 0) & (w_out_grad.abs().sum((1, 2)) == 0)
+    assert 32 <= int(unused.sum()) < 64
+    assert torch.isfinite(w_in_grad).all() and torch.isfinite(w_out_grad).all()
+
+
+def test_native_kernels_run_in_inference_mode(module, monkeypatch):
+    """Generation runs under torch.inference_mode, whose tensors only inference-mode code may write:
+    the kernels' worker threads must take the caller's mode."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=1, n_embd=64, n_experts=4, top_k=2,
+                      expert_hidden=96)
+    layer = MoEFeedForward(cfg).eval()
+    x = torch.randn(1, 40, 64)
+    outs = []
+    for kernels in (module, None):
+        monkeypatch.setattr(grouped, "_native_module", lambda *a, k=kernels: k)
+        with torch.inference_mode():
+            outs.append(layer(x)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_portable_build_matches_the_python_path(monkeypatch):
+    """Without AVX-512 (most laptops) the SwiGLU loops take their scalar fallbacks."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the baseline build is an x86-64 target")
+    portable = native.build_extension(["-O3", "-march=x86-64", "-fopenmp"])
+    assert not portable.has_avx512_bf16()
+    for dtype in ("fp32", "bf16"):
+        got = run_layer(monkeypatch, portable, "swiglu", False, dtype)
+        expected = run_layer(monkeypatch, None, "swiglu", False, dtype)
+        for g, e in zip(got, expected, strict=True):
+            tolerance = 1e-5 if dtype == "fp32" else 0.03
+            assert (g - e).abs().max() <= tolerance * e.abs().max()
+
+
+def test_turning_the_native_kernels_off(monkeypatch):
+    monkeypatch.setenv("NANOMOE_NATIVE_EXPERTS", "0")
+    assert native.experts_module() is None
+    monkeypatch.setenv("NANOMOE_NATIVE_EXPERTS", "1")
+    monkeypatch.setenv("NANOMOE_NATIVE", "0")
+    assert native.experts_module() is None
