@@ -227,7 +227,13 @@ class _GroupedFFN(torch.autograd.Function):
         active = [e for e, n in enumerate(sizes) if n > 0]
         dout_ND = dout_ND.to(dtype)
 
-        dgate_KN, dy_RD = _combine_backward(ctx, dout_ND, y_KND, gate_KN, plan)
+        dgate_KN = None
+        if ctx.needs_input_grad[1]:  # out = sum_k gate_k * y_k
+            # (sum accumulates in fp32 internally; asking for an fp32 result would upcast first, 3x slower)
+            dgate_KN = (y_KND * dout_ND).sum(-1).to(gate_KN.dtype)
+        # dy of every row: its token's output gradient times its gate (0 on padding rows)
+        gate_R1 = torch.cat([gate_KN.reshape(-1), gate_KN.new_zeros(1)]).index_select(0, plan.slot_R)
+        dy_RD = dout_ND.index_select(0, plan.token_R).mul_(gate_R1.to(dtype).unsqueeze(-1))
 
         # down projection
         da_RH = torch.empty_like(a_RH)
@@ -283,23 +289,14 @@ class _GroupedFFN(torch.autograd.Function):
         return dx_ND.to(x_dtype), dgate_KN, dw_in.to(w_in_dtype), dw_out.to(w_out_dtype), db_in, db_out, None, None, None
 
 
-def _combine_backward(ctx, dout_ND, y_KND, gate_KN, plan: ExpertPlan):
-    """Gradients through out = sum_k gate_k * y_k: of the gates (if needed), and of every
-    expert-sorted row, dy = its token's output gradient times its gate (0 on padding rows)."""
-    dgate_KN = None
-    if ctx.needs_input_grad[1]:
-        # (sum accumulates in fp32 internally; asking for an fp32 result would upcast first, 3x slower)
-        dgate_KN = (y_KND * dout_ND).sum(-1).to(gate_KN.dtype)
-    gate_R1 = torch.cat([gate_KN.reshape(-1), gate_KN.new_zeros(1)]).index_select(0, plan.slot_R)
-    dy_RD = dout_ND.index_select(0, plan.token_R).mul_(gate_R1.to(dout_ND.dtype).unsqueeze(-1))
-    return dgate_KN, dy_RD
-
-
 # ---------------------------------------------------------------------------------------------
 # The same Function through the native kernels (csrc/experts.cpp) on the CPU: each expert's whole
-# forward (weight casts, gather, products, activation) and backward on one thread, experts shared
-# out over the threads. Same products and relu/gelu kernels as above; the SwiGLU is one fused loop
-# (rounded once where the Python path rounds silu(g) first), and silu is recomputed, not stored.
+# forward (weight casts, gather, products, activation) and backward (its rows' output gradients,
+# products, activation, fp32 weight gradients) on one thread, experts shared out over the threads;
+# the combine, the gate gradients and the way back to the tokens as fp32-accumulating loops. Same
+# products and relu/gelu kernels as above; the SwiGLU is one fused loop (rounded once where the
+# Python path rounds silu(g) first), silu is recomputed rather than stored, and the combine rounds
+# once where the Python path rounds each product.
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "swiglu": 2}
 _NONE = torch.empty(0)  # an absent tensor argument of the kernels
@@ -318,66 +315,66 @@ def _native_module(x_ND, dtype, *weights):
 
 def _native_forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan: ExpertPlan, activation: str, dtype):
     N, D = x_ND.shape
-    K, E, H = gate_KN.shape[0], w_out.shape[0], w_out.shape[1]
+    E, H = w_out.shape[0], w_out.shape[1]
     R = plan.token_R.numel()
     glu = activation == "swiglu"
-    sizes = plan.rows_per_expert
 
     def cast(t):  # biases are small: cast here, contiguous per half
         return _NONE if t is None else t.detach().to(dtype).contiguous()
 
-    b_g = cast(None if b_in is None else b_in[:, :H])
-    b_u = cast(None if b_in is None or not glu else b_in[:, H:])
     new = x_ND.new_empty
     x_RD = new(R, D, dtype=dtype)
-    w_g = new(E, D, H, dtype=dtype)
+    w_g, w_o = new(E, D, H, dtype=dtype), new(E, H, D, dtype=dtype)
     w_u = new(E, D, H, dtype=dtype) if glu else _NONE
-    w_o = new(E, H, D, dtype=dtype)
     h_RH, a_RH = new(R, H, dtype=dtype), new(R, H, dtype=dtype)
     u_RH = new(R, H, dtype=dtype) if glu else _NONE
     y_RD = new(R + 1, D, dtype=dtype)  # + the zero row that dropped assignments read
     y_RD[R].zero_()
-    with torch.autocast("cpu", enabled=False):  # the kernels run in `dtype`, on the worker threads too
-        ctx.native.experts_forward(
-            x_ND.detach().to(dtype).contiguous(), plan.token_R, sizes, ACTIVATIONS[activation], w_in.detach(),
-            w_out.detach(), b_g, b_u, cast(b_out), x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD[:R],
-        )
-        y_KND = y_RD.index_select(0, plan.row_KN).view(K, N, D)  # combine: a gather
-        out_ND = _sum_over_k(y_KND, gate_KN)
-    ctx.save_for_backward(x_RD, h_RH, u_RH, a_RH, y_KND, gate_KN, w_g, w_u, w_o)
+    out_ND = new(N, D, dtype=dtype)
+    gate_KN32 = gate_KN.detach().float().contiguous()
+    ctx.native.experts_forward(
+        x_ND.detach().to(dtype).contiguous(), plan.token_R, plan.rows_per_expert, ACTIVATIONS[activation],
+        w_in.detach(), w_out.detach(), cast(None if b_in is None else b_in[:, :H]),
+        cast(None if b_in is None or not glu else b_in[:, H:]), cast(b_out), plan.row_KN, gate_KN32,
+        x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, out_ND,
+    )
+    ctx.save_for_backward(x_RD, h_RH, u_RH, a_RH, y_RD, gate_KN32, w_g, w_u, w_o)
     ctx.plan, ctx.activation, ctx.has_bias = plan, activation, b_in is not None
-    ctx.dtypes = (x_ND.dtype, w_in.dtype, w_out.dtype, None if b_in is None else b_in.dtype)
+    ctx.dtypes = (x_ND.dtype, w_in.dtype, w_out.dtype, None if b_in is None else b_in.dtype, gate_KN.dtype)
     ctx.in_width = w_in.shape[2]
     return out_ND
 
 
 def _native_backward(ctx, dout_ND):
-    x_RD, h_RH, u_RH, a_RH, y_KND, gate_KN, w_g, w_u, w_o = ctx.saved_tensors
+    x_RD, h_RH, u_RH, a_RH, y_RD, gate_KN32, w_g, w_u, w_o = ctx.saved_tensors
     plan: ExpertPlan = ctx.plan
-    x_dtype, w_in_dtype, w_out_dtype, b_dtype = ctx.dtypes
+    x_dtype, w_in_dtype, w_out_dtype, b_dtype, gate_dtype = ctx.dtypes
     R, D = x_RD.shape
-    K, N = gate_KN.shape
+    K, N = gate_KN32.shape
     E, H = w_o.shape[0], w_o.shape[1]
     glu = ctx.activation == "swiglu"
-    dgate_KN, dy_RD = _combine_backward(ctx, dout_ND.to(x_RD.dtype), y_KND, gate_KN, plan)
-
     new = x_RD.new_empty
-    dx_RD = new(R + 1, D)  # the spare last row stays zero for dropped assignments
-    dx_RD[R].zero_()
+    dx_ND = new(N, D, dtype=x_dtype)
+    dgate_KN = new(K, N, dtype=torch.float32) if ctx.needs_input_grad[1] else _NONE
     dw_in = new(E, D, ctx.in_width, dtype=w_in_dtype)
     dw_out = new(E, H, D, dtype=w_out_dtype)
     db_in = x_RD.new_zeros(E, ctx.in_width, dtype=torch.float32) if ctx.has_bias else _NONE
     db_out = x_RD.new_zeros(E, D, dtype=torch.float32) if ctx.has_bias else _NONE
+    dx_RD = new(R + 1, D)  # the spare last row stays zero for dropped assignments
+    dx_RD[R].zero_()
+    gate_ext = torch.cat([gate_KN32.reshape(-1), gate_KN32.new_zeros(1)])  # padding rows read the 0
     ctx.native.experts_backward(
-        dy_RD, x_RD, plan.rows_per_expert, ACTIVATIONS[ctx.activation], w_g, w_u, w_o, h_RH, u_RH, a_RH,
-        new(R, H), new(R, H) if glu else _NONE, dx_RD[:R], torch.empty_like(w_g),
-        torch.empty_like(w_u) if glu else _NONE, torch.empty_like(w_o), dw_in, dw_out, db_in, db_out,
+        dout_ND.to(x_RD.dtype).contiguous(), plan.token_R, plan.slot_R, gate_ext, plan.row_KN, plan.rows_per_expert,
+        ACTIVATIONS[ctx.activation], x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD,
+        dx_ND, dgate_KN, dw_in, dw_out, db_in, db_out,
+        new(R, D), new(R, H), new(R, H) if glu else _NONE, dx_RD, torch.empty_like(w_g),
+        torch.empty_like(w_u) if glu else _NONE, torch.empty_like(w_o),
     )
     for e, n in enumerate(plan.rows_per_expert):
         if n == 0:  # an expert with no tokens gets an exactly zero gradient
             dw_in[e].zero_()
             dw_out[e].zero_()
-    dx_ND = _sum_over_k(dx_RD.index_select(0, plan.row_KN).view(K, N, D))
+    dgate_KN = dgate_KN.to(gate_dtype) if ctx.needs_input_grad[1] else None
     db_in = db_in.to(b_dtype) if ctx.has_bias else None
     db_out = db_out.to(b_dtype) if ctx.has_bias else None
-    return dx_ND.to(x_dtype), dgate_KN, dw_in, dw_out, db_in, db_out, None, None, None
+    return dx_ND, dgate_KN, dw_in, dw_out, db_in, db_out, None, None, None

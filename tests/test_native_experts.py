@@ -47,11 +47,9 @@ def test_native_kernels_match_the_python_path(module, monkeypatch, ffn, bias, dt
     expected = run_layer(monkeypatch, None, ffn, bias, dtype, capacity_factor)
     for g, e in zip(got, expected, strict=True):
         assert g.dtype == e.dtype and g.shape == e.shape
-        if ffn != "swiglu":  # the same ATen kernels on the same rows: bit for bit
-            assert torch.equal(g, e)
-        elif dtype == "fp32":
+        if dtype == "fp32":  # summation order only
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
-        else:  # the fused SwiGLU rounds silu(g) * u once where the Python path rounds twice
+        else:  # the kernels round once (SwiGLU, combine, gate products) where the Python path rounds twice
             assert (g - e).abs().max() <= 0.03 * e.abs().max()
 
 

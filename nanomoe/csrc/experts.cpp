@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -126,6 +127,105 @@ void swiglu_backward_rows(const Tensor& da, const Tensor& g, const Tensor& u, co
 
 bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
 
+// fp32 or bf16 (raw bits) data of a tensor, by the element type the templates use
+template <typename T>
+T* data(const Tensor& t) {
+  if constexpr (std::is_same_v<T, float>) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "experts: expected float32, got ", t.scalar_type());
+    return t.data_ptr<float>();
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "experts: expected bfloat16, got ", t.scalar_type());
+    return reinterpret_cast<uint16_t*>(t.data_ptr());
+  }
+}
+
+// f(float{}) for float32 tensors, f(uint16_t{}) for bfloat16 ones
+template <typename F>
+void by_type(const Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kFloat) {
+    f(float{});
+  } else {
+    f(uint16_t{});
+  }
+}
+
+// out[n] = sum_k gate[k, n] * src[row[k, n]] (gate null: weights 1), accumulated in fp32, rounded
+// once: the combine (expert outputs back to tokens) and the gradient's way back to the tokens.
+template <typename T, typename O>
+void gather_sum(const T* src, const int64_t* row, const float* gate, O* out, int64_t N, int64_t K, int64_t D) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t d = 0;
+#if defined(NANOMOE_AVX512)
+      for (; d < D; d += 16) {
+        const __mmask16 m = tail_mask(D - d);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k * N + n;
+          const __m512 v = load16(src + row[i] * D + d, m);
+          acc = gate ? _mm512_fmadd_ps(v, _mm512_set1_ps(gate[i]), acc) : _mm512_add_ps(acc, v);
+        }
+        store16(out + n * D + d, acc, m);
+      }
+#endif
+      for (; d < D; ++d) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k * N + n;
+          acc += gate ? load(src, row[i] * D + d) * gate[i] : load(src, row[i] * D + d);
+        }
+        store(out, n * D + d, acc);
+      }
+    }
+  });
+}
+
+// dgate[k, n] = y[row[k, n]] . dout[n], in fp32
+template <typename T>
+void gate_grads(const T* y, const T* dout, const int64_t* row, float* dgate, int64_t N, int64_t K, int64_t D) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = k * N + n;
+        const T* yr = y + row[i] * D;
+        const T* g = dout + n * D;
+        float total = 0.f;
+        int64_t d = 0;
+#if defined(NANOMOE_AVX512)
+        __m512 acc = _mm512_setzero_ps();
+        for (; d < D; d += 16) {
+          const __mmask16 m = tail_mask(D - d);
+          acc = _mm512_fmadd_ps(load16(yr + d, m), load16(g + d, m), acc);
+        }
+        total = _mm512_reduce_add_ps(acc);
+#endif
+        for (; d < D; ++d) total += load(yr, d) * load(g, d);
+        dgate[i] = total;
+      }
+    }
+  });
+}
+
+// dst[r] = src[token[r]] * gate[slot[r]] for rows [r0, r0 + n): each row's output gradient
+template <typename T>
+void gated_rows(const T* src, const int64_t* token, const int64_t* slot, const float* gate, T* dst, int64_t r0,
+                int64_t n, int64_t D) {
+  for (int64_t r = r0; r < r0 + n; ++r) {
+    const T* s = src + token[r] * D;
+    T* o = dst + r * D;
+    const float g = gate[slot[r]];
+    int64_t d = 0;
+#if defined(NANOMOE_AVX512)
+    for (; d < D; d += 16) {
+      const __mmask16 m = tail_mask(D - d);
+      store16(o + d, _mm512_mul_ps(load16(s + d, m), _mm512_set1_ps(g)), m);
+    }
+#endif
+    for (; d < D; ++d) store(o, d, load(s, d) * g);
+  }
+}
+
+
 void linear(Tensor out, const Tensor& x, const Tensor& w, const Tensor& b) {  // out = x w (+ b)
   if (present(b)) {
     at::addmm_out(out, b, x, w);
@@ -136,13 +236,16 @@ void linear(Tensor out, const Tensor& x, const Tensor& w, const Tensor& b) {  //
 
 // Forward. x_src (N, D) in the compute dtype; token (R,) the token of every expert-sorted row;
 // w_in (E, D, F) and w_out (E, H, D) the parameters (F = 2H for swiglu: [gate | up]), b_g, b_u,
-// b_out (E, H), (E, H), (E, D) biases in the compute dtype or empty. Written: x (R, D) the gathered
-// rows; w_g, w_u (E, D, H) and w_o (E, H, D) the weights in the compute dtype (experts with rows
-// only); h (R, H) the gate (or only) pre-activation, u (R, H) the up projection (swiglu), a (R, H)
-// the activation, y (R, D) the expert outputs.
+// b_out (E, H), (E, H), (E, D) biases in the compute dtype or empty; row (K*N,) the row of every
+// assignment (R, a zero row, if dropped) and gate (K, N) fp32 its weight. Written: x (R, D) the
+// gathered rows; w_g, w_u (E, D, H) and w_o (E, H, D) the weights in the compute dtype (experts
+// with rows only); h (R, H) the gate (or only) pre-activation, u (R, H) the up projection
+// (swiglu), a (R, H) the activation, y (R + 1, D) the expert outputs (row R stays as given: zero);
+// out (N, D) the layer's output.
 void forward(const Tensor& x_src, const Tensor& token, const std::vector<int64_t>& rows, int64_t activation,
              const Tensor& w_in, const Tensor& w_out, const Tensor& b_g, const Tensor& b_u, const Tensor& b_out,
-             Tensor x, Tensor w_g, Tensor w_u, Tensor w_o, Tensor h, Tensor u, Tensor a, Tensor y) {
+             const Tensor& row, const Tensor& gate, Tensor x, Tensor w_g, Tensor w_u, Tensor w_o, Tensor h, Tensor u,
+             Tensor a, Tensor y, Tensor out) {
   const int64_t H = h.size(1);
   const bool glu = activation == SWIGLU;
   each_expert(rows, [&](int64_t e, int64_t r0, int64_t n) {
@@ -163,21 +266,42 @@ void forward(const Tensor& x_src, const Tensor& token, const std::vector<int64_t
     }
     linear(y.narrow(0, r0, n), ae, w_o[e], present(b_out) ? b_out[e] : Tensor());
   });
+  // combine: out[n] = sum_k gate[k, n] y[row[k, n]]
+  const int64_t K = gate.size(0), N = gate.size(1), D = y.size(1);
+  by_type(y, [&](auto t) {
+    using T = decltype(t);
+    gather_sum(data<T>(y), row.data_ptr<int64_t>(), gate.data_ptr<float>(), data<T>(out), N, K, D);
+  });
 }
 
-// Backward. dy (R, D) the gradient of every row's output (gate weights applied); x, w_g, w_u, w_o,
-// h, u, a as the forward wrote them. Written: dx (R, D); dw_in (E, D, F), dw_out (E, H, D) in the
-// parameters' dtype and db_in (E, F), db_out (E, D) in fp32 when given, for experts with rows;
-// da, du (R, H) and dw_g, dw_u (E, D, H), dw_o (E, H, D) are scratch in the compute dtype.
-void backward(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& rows, int64_t activation,
-              const Tensor& w_g, const Tensor& w_u, const Tensor& w_o, const Tensor& h, const Tensor& u,
-              const Tensor& a, Tensor da, Tensor du, Tensor dx, Tensor dw_g, Tensor dw_u, Tensor dw_o, Tensor dw_in,
-              Tensor dw_out, Tensor db_in, Tensor db_out) {
-  const int64_t H = h.size(1);
+// Backward. dout (N, D) the output gradient in the compute dtype; token, slot (R,) each row's token
+// and flat assignment k * N + n (K * N for padding rows), gate_ext (K*N + 1,) fp32 gate weights
+// with a trailing 0, row (K*N,) as in the forward; x, w_g, w_u, w_o, h, u, a, y as the forward
+// wrote them. Written: dx (N, D) in the input's dtype; dgate (K, N) fp32 when given; dw_in
+// (E, D, F), dw_out (E, H, D) in the parameters' dtype and db_in (E, F), db_out (E, D) in fp32
+// when given, for experts with rows. Scratch in the compute dtype: dy (R, D), da, du (R, H),
+// dx_rows (R + 1, D, row R zero), dw_g, dw_u (E, D, H), dw_o (E, H, D).
+void backward(const Tensor& dout, const Tensor& token, const Tensor& slot, const Tensor& gate_ext, const Tensor& row,
+              const std::vector<int64_t>& rows, int64_t activation, const Tensor& x, const Tensor& w_g,
+              const Tensor& w_u, const Tensor& w_o, const Tensor& h, const Tensor& u, const Tensor& a, const Tensor& y,
+              Tensor dx, Tensor dgate, Tensor dw_in, Tensor dw_out, Tensor db_in, Tensor db_out, Tensor dy, Tensor da,
+              Tensor du, Tensor dx_rows, Tensor dw_g, Tensor dw_u, Tensor dw_o) {
+  const int64_t H = h.size(1), D = x.size(1), K = row.size(0) / dx.size(0), N = dx.size(0);
   const bool glu = activation == SWIGLU, bias = present(db_in);
+  if (present(dgate)) {  // dgate[k, n] = y[row[k, n]] . dout[n]
+    by_type(y, [&](auto t) {
+      using T = decltype(t);
+      gate_grads(data<T>(y), data<T>(dout), row.data_ptr<int64_t>(), dgate.data_ptr<float>(), N, K, D);
+    });
+  }
   each_expert(rows, [&](int64_t e, int64_t r0, int64_t n) {
+    by_type(dy, [&](auto t) {  // this expert's rows of dy: their token's output gradient times their gate
+      using T = decltype(t);
+      gated_rows(data<T>(dout), token.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), gate_ext.data_ptr<float>(),
+                 data<T>(dy), r0, n, D);
+    });
     const Tensor dye = dy.narrow(0, r0, n), xe = x.narrow(0, r0, n), he = h.narrow(0, r0, n);
-    Tensor dae = da.narrow(0, r0, n), dxe = dx.narrow(0, r0, n);
+    Tensor dae = da.narrow(0, r0, n), dxe = dx_rows.narrow(0, r0, n);
     // down projection: da = dy w_o^T, dw_o = a^T dy
     at::mm_out(dae, dye, w_o[e].t());
     Tensor dw_oe = dw_o[e];
@@ -207,6 +331,14 @@ void backward(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& row
       dw_in[e].narrow(1, H, H).copy_(dw_ue);
       if (bias) db_in[e].narrow(0, H, H).copy_(due.sum(0, false, at::kFloat));
     }
+  });
+  // back to the tokens: dx[n] = sum_k dx_rows[row[k, n]]
+  by_type(dx_rows, [&](auto t) {
+    using T = decltype(t);
+    by_type(dx, [&](auto o) {
+      using O = decltype(o);
+      gather_sum(data<T>(dx_rows), row.data_ptr<int64_t>(), static_cast<const float*>(nullptr), data<O>(dx), N, K, D);
+    });
   });
 }
 
