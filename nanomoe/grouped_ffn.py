@@ -65,6 +65,13 @@ def make_plan(
     """
     N, K = expert_indices_NK.shape
     device = expert_indices_NK.device
+    native = _native_module(expert_indices_NK, torch.float32)
+    if native is not None:  # the same plan as one counting sort (csrc/experts.cpp)
+        token_R, slot_R, row_KN, rows_per_expert, n_kept = native.experts_plan(
+            expert_indices_NK, n_experts, -1 if capacity is None else capacity, row_multiple,
+            _NONE if valid_N is None else valid_N,
+        )
+        return ExpertPlan(token_R, slot_R, row_KN, rows_per_expert, n_kept)
     flat_expert = expert_indices_NK.t().reshape(-1)  # (K*N,)
     if valid_N is not None:  # padding goes to a sentinel expert that sorts last and is cut off
         flat_expert = torch.where(valid_N.repeat(K), flat_expert, n_experts)

@@ -100,3 +100,23 @@ def test_turning_the_native_kernels_off(monkeypatch):
     monkeypatch.setenv("NANOMOE_NATIVE_EXPERTS", "1")
     monkeypatch.setenv("NANOMOE_NATIVE", "0")
     assert native.experts_module() is None
+
+
+def test_native_plan_equals_the_python_plan(module, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        N, K = int(torch.randint(1, 300, (), generator=gen)), int(torch.randint(1, 4, (), generator=gen))
+        E = int(torch.randint(K, 9, (), generator=gen))
+        indices = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N)])
+        capacity = None if trial % 3 == 0 else int(torch.randint(1, 40, (), generator=gen))
+        row_multiple = [1, 4, 32][trial % 3]
+        valid = None if trial % 2 else torch.rand(N, generator=gen) > 0.3
+        plans = []
+        for kernels in (module, None):
+            monkeypatch.setattr(grouped, "_native_module", lambda *a, k=kernels: k)
+            plans.append(grouped.make_plan(indices, E, capacity, row_multiple, valid))
+        native_plan, python_plan = plans
+        for field in ("token_R", "slot_R", "row_KN"):
+            assert torch.equal(getattr(native_plan, field), getattr(python_plan, field)), (trial, field)
+        assert native_plan.rows_per_expert == python_plan.rows_per_expert
+        assert native_plan.n_kept == python_plan.n_kept

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -342,9 +343,59 @@ void backward(const Tensor& dout, const Tensor& token, const Tensor& slot, const
   });
 }
 
+// The dispatch plan of grouped_ffn.make_plan, as one counting sort (the Python version is ~10
+// tensor ops, ~0.7 ms per layer call). Assignments a = k * N + n in that order (first choices
+// before second choices, earlier tokens first); an expert keeps its first `capacity` (< 0: all);
+// tokens with valid[n] false are left out; blocks padded to a multiple of `row_multiple` rows.
+// Returns token (R,), slot (R,), row (K*N,), the rows of every expert and the assignments kept.
+std::tuple<Tensor, Tensor, Tensor, std::vector<int64_t>, int64_t> plan(const Tensor& indices, int64_t n_experts,
+                                                                      int64_t capacity, int64_t row_multiple,
+                                                                      const Tensor& valid) {
+  TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kLong, "plan: indices must be (N, K) int64");
+  const Tensor idx = indices.contiguous();
+  const int64_t N = idx.size(0), K = idx.size(1);
+  const int64_t* ex = idx.data_ptr<int64_t>();
+  const Tensor ok = present(valid) ? valid.to(at::kBool).contiguous() : Tensor();
+  const bool* keep = present(ok) ? ok.data_ptr<bool>() : nullptr;
+  std::vector<int64_t> counts(n_experts, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    if (keep && !keep[n]) continue;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = ex[n * K + k];
+      TORCH_CHECK(e >= 0 && e < n_experts, "plan: expert index ", e, " out of range");
+      ++counts[e];
+    }
+  }
+  std::vector<int64_t> rows(n_experts), first(n_experts), filled(n_experts, 0);
+  int64_t R = 0, kept = 0;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    if (capacity >= 0) counts[e] = std::min(counts[e], capacity);
+    kept += counts[e];
+    rows[e] = (counts[e] + row_multiple - 1) / row_multiple * row_multiple;
+    first[e] = R;
+    R += rows[e];
+  }
+  Tensor token = at::zeros({R}, idx.options()), slot = at::full({R}, K * N, idx.options());
+  Tensor row = at::full({K * N}, R, idx.options());
+  int64_t *tok = token.data_ptr<int64_t>(), *sl = slot.data_ptr<int64_t>(), *rw = row.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t n = 0; n < N; ++n) {
+      if (keep && !keep[n]) continue;
+      const int64_t e = ex[n * K + k];
+      if (filled[e] == counts[e]) continue;  // over capacity: dropped
+      const int64_t r = first[e] + filled[e]++, a = k * N + n;
+      tok[r] = n;
+      sl[r] = a;
+      rw[a] = r;
+    }
+  }
+  return {token, slot, row, rows, kept};
+}
+
 }  // namespace
 
 __attribute__((visibility("hidden"))) void register_experts(pybind11::module& m) {
   m.def("experts_forward", &forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("experts_backward", &backward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("experts_plan", &plan, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
