@@ -165,7 +165,7 @@ def _sum_over_k(rows_KND: torch.Tensor, gate_KN: torch.Tensor | None = None) -> 
 class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan: ExpertPlan, activation: str, dtype):
-        ctx.native = _native_module(x_ND, dtype, w_in, w_out, b_in, b_out)
+        ctx.native = _native_module(x_ND, dtype, x_ND, w_in, w_out, b_in, b_out)
         if ctx.native is not None:
             return _native_forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan, activation, dtype)
         with torch.autocast(x_ND.device.type, enabled=False):
@@ -309,11 +309,12 @@ ACTIVATIONS = {"relu": 0, "gelu": 1, "swiglu": 2}
 _NONE = torch.empty(0)  # an absent tensor argument of the kernels
 
 
-def _native_module(x_ND, dtype, *weights):
-    """The extension when the native kernels apply (CPU, fp32 or bf16), else None."""
+def _native_module(x_ND, dtype, *tensors):
+    """The extension when the native kernels apply (CPU; compute dtype and every given tensor fp32 or
+    bf16), else None."""
     if x_ND.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None
-    if any(w is not None and (w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu") for w in weights):
+    if any(t is not None and (t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu") for t in tensors):
         return None
     from . import native
 
@@ -340,7 +341,7 @@ def _native_forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan: ExpertPl
     out_ND = new(N, D, dtype=dtype)
     gate_KN32 = gate_KN.detach().float().contiguous()
     ctx.native.experts_forward(
-        x_ND.detach().to(dtype).contiguous(), plan.token_R, plan.rows_per_expert, ACTIVATIONS[activation],
+        x_ND.detach().contiguous(), plan.token_R, plan.rows_per_expert, ACTIVATIONS[activation],
         w_in.detach(), w_out.detach(), cast(None if b_in is None else b_in[:, :H]),
         cast(None if b_in is None or not glu else b_in[:, H:]), cast(b_out), plan.row_KN, gate_KN32,
         x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, out_ND,

@@ -32,7 +32,10 @@ def run_layer(monkeypatch, kernels, ffn, bias, dtype, capacity_factor=0.0, token
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.3)
-    x = torch.randn(2, tokens // 2, 64, requires_grad=True)
+    x = torch.randn(2, tokens // 2, 64)
+    if dtype == "bf16-weights":  # a model cast to bf16, no autocast
+        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    x.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out, _ = layer(x)
     out.float().pow(2).sum().backward()
@@ -41,7 +44,8 @@ def run_layer(monkeypatch, kernels, ffn, bias, dtype, capacity_factor=0.0, token
 
 
 @pytest.mark.parametrize("ffn,bias,dtype,capacity_factor",
-                         list(itertools.product(["swiglu", "relu", "gelu"], [False, True], ["fp32", "bf16"], [0.0, 0.5])))
+                         list(itertools.product(["swiglu", "relu", "gelu"], [False, True], ["fp32", "bf16"], [0.0, 0.5]))
+                         + [("swiglu", True, "bf16-weights", 0.5)])
 def test_native_kernels_match_the_python_path(module, monkeypatch, ffn, bias, dtype, capacity_factor):
     got = run_layer(monkeypatch, module, ffn, bias, dtype, capacity_factor)
     expected = run_layer(monkeypatch, None, ffn, bias, dtype, capacity_factor)

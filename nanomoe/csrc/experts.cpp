@@ -181,6 +181,24 @@ void gather_sum(const T* src, const int64_t* row, const float* gate, O* out, int
   });
 }
 
+// dst[r] = src[token[r]] for rows [r0, r0 + n), converting fp32 <-> bf16 on the way (the dispatch
+// gather, with the cast of the layer's input to the compute dtype in the same pass)
+template <typename S, typename T>
+void gather_rows(const S* src, const int64_t* token, T* dst, int64_t r0, int64_t n, int64_t D) {
+  for (int64_t r = r0; r < r0 + n; ++r) {
+    const S* s = src + token[r] * D;
+    T* o = dst + r * D;
+    int64_t d = 0;
+#if defined(NANOMOE_AVX512)
+    for (; d < D; d += 16) {
+      const __mmask16 m = tail_mask(D - d);
+      store16(o + d, load16(s + d, m), m);
+    }
+#endif
+    for (; d < D; ++d) store(o, d, load(s, d));
+  }
+}
+
 // dgate[k, n] = y[row[k, n]] . dout[n], in fp32
 template <typename T>
 void gate_grads(const T* y, const T* dout, const int64_t* row, float* dgate, int64_t N, int64_t K, int64_t D) {
@@ -235,7 +253,7 @@ void linear(Tensor out, const Tensor& x, const Tensor& w, const Tensor& b) {  //
   }
 }
 
-// Forward. x_src (N, D) in the compute dtype; token (R,) the token of every expert-sorted row;
+// Forward. x_src (N, D) the layer's input, fp32 or bf16; token (R,) the token of every expert-sorted row;
 // w_in (E, D, F) and w_out (E, H, D) the parameters (F = 2H for swiglu: [gate | up]), b_g, b_u,
 // b_out (E, H), (E, H), (E, D) biases in the compute dtype or empty; row (K*N,) the row of every
 // assignment (R, a zero row, if dropped) and gate (K, N) fp32 its weight. Written: x (R, D) the
@@ -254,7 +272,13 @@ void forward(const Tensor& x_src, const Tensor& token, const std::vector<int64_t
     if (glu) w_u[e].copy_(w_in[e].narrow(1, H, H));
     w_o[e].copy_(w_out[e]);
     Tensor xe = x.narrow(0, r0, n), he = h.narrow(0, r0, n), ae = a.narrow(0, r0, n);
-    at::index_select_out(xe, x_src, 0, token.narrow(0, r0, n));
+    by_type(x_src, [&](auto s) {
+      using S = decltype(s);
+      by_type(x, [&](auto t) {
+        using T = decltype(t);
+        gather_rows(data<S>(x_src), token.data_ptr<int64_t>(), data<T>(x), r0, n, x.size(1));
+      });
+    });
     linear(he, xe, w_g[e], present(b_g) ? b_g[e] : Tensor());
     if (glu) {
       Tensor ue = u.narrow(0, r0, n);
