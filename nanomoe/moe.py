@@ -41,6 +41,7 @@ class RouterOutput:
     expert_weights_NK: torch.Tensor  # fp32 gate weight of each chosen expert
     router_probs_NE: torch.Tensor  # fp32 softmax over all experts (used by the balancing loss)
     router_logits_NE: torch.Tensor  # fp32 clean logits, before noise (used by the z-loss)
+    logsumexp_N: torch.Tensor | None = None  # logsumexp of the clean logits when the router has it
 
 
 @dataclass
@@ -98,25 +99,66 @@ def load_balance_loss(
     return n_experts * torch.sum(f_E * p_E)
 
 
-def router_z_loss(router_logits_NE: torch.Tensor, valid_N: torch.Tensor | None = None) -> torch.Tensor:
+def router_z_loss(
+    router_logits_NE: torch.Tensor, valid_N: torch.Tensor | None = None, logsumexp_N: torch.Tensor | None = None
+) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2.
 
     Penalizes large router logits, which make the fp32 softmax (and bf16 training) unstable.
-    valid_N: only these tokens count; 0 when there are none.
+    valid_N: only these tokens count; 0 when there are none. logsumexp_N: the logits' logsumexp if
+    the router computed it already (its softmax needs it).
     """
     if router_logits_NE.shape[0] == 0:
         return router_logits_NE.sum() * 0.0
-    return _masked_mean(torch.logsumexp(router_logits_NE, dim=-1).pow(2), valid_N)
+    if logsumexp_N is None:
+        logsumexp_N = torch.logsumexp(router_logits_NE, dim=-1)
+    return _masked_mean(logsumexp_N.pow(2), valid_N)
 
 
 # ---------------------------------------------------------------------------------------------
 # Router
 
 
-def _softmax_over_experts(scores_NE: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim, as exp(x - logsumexp(x)): with only E entries per row torch's softmax
-    kernel (vectorized along that dim) is ~5x slower, forward and backward, at E = 8."""
-    return torch.exp(scores_NE - torch.logsumexp(scores_NE, dim=-1, keepdim=True))
+def _softmax_over_experts(scores_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax over the last dim, as exp(x - logsumexp(x)), and the logsumexp: with only E entries
+    per row torch's softmax kernel (vectorized along that dim) is ~5x slower, forward and backward."""
+    lse_N1 = torch.logsumexp(scores_NE, dim=-1, keepdim=True)
+    return torch.exp(scores_NE - lse_N1), lse_N1.squeeze(-1)
+
+
+class _NativeRouter(torch.autograd.Function):
+    """The "topk" / "switch" router after the gate product, as one C++ pass each way
+    (csrc/experts.cpp): softmax, logsumexp, top-k of probs + bias, gates."""
+
+    @staticmethod
+    def forward(ctx, logits_NE, selection_bias, top_k: int, renormalize: bool, module):
+        indices_NK, gates_NK, probs_NE, lse_N = module.router_forward(logits_NE, selection_bias, top_k, renormalize)
+        ctx.mark_non_differentiable(indices_NK)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(probs_NE, indices_NK)
+        ctx.renormalize, ctx.module = renormalize, module
+        return indices_NK, gates_NK, probs_NE, lse_N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _, d_gates_NK, d_probs_NE, d_lse_N):
+        probs_NE, indices_NK = ctx.saved_tensors
+        none = probs_NE.new_empty(0)
+        d_logits_NE = ctx.module.router_backward(
+            probs_NE, indices_NK, none if d_gates_NK is None else d_gates_NK,
+            none if d_probs_NE is None else d_probs_NE, none if d_lse_N is None else d_lse_N, ctx.renormalize,
+        )
+        return d_logits_NE, None, None, None, None
+
+
+def _native_router_module(x_ND: torch.Tensor):
+    """The extension for the router on the CPU outside torch.compile (whose graph it would break;
+    inductor fuses the Python router there), else None."""
+    if x_ND.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    from . import native
+
+    return native.experts_module()
 
 
 class Router(nn.Module):
@@ -147,14 +189,22 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             x_ND = x_ND.float()
             logits_NE = F.linear(x_ND, self.gate.weight.float())
+            if self.kind != "noisy_topk" and (module := _native_router_module(x_ND)) is not None:
+                indices_NK, weights_NK, probs_NE, lse_N = _NativeRouter.apply(
+                    logits_NE, self.selection_bias, self.top_k, self.kind == "topk", module
+                )
+                return RouterOutput(indices_NK, weights_NK, probs_NE, logits_NE, lse_N)
+            lse_N = None  # of the clean logits
             if self.kind == "noisy_topk":
                 scores_NE = logits_NE
                 if self.training:
                     noise_std_NE = F.softplus(F.linear(x_ND, self.noise.weight.float()))
                     scores_NE = logits_NE + torch.randn_like(logits_NE) * noise_std_NE
-                probs_NE = _softmax_over_experts(scores_NE)
+                probs_NE, scores_lse_N = _softmax_over_experts(scores_NE)
+                if not self.training:
+                    lse_N = scores_lse_N
             else:
-                probs_NE = _softmax_over_experts(logits_NE)
+                probs_NE, lse_N = _softmax_over_experts(logits_NE)
                 scores_NE = probs_NE
 
             _, indices_NK = torch.topk(scores_NE + self.selection_bias, self.top_k, dim=-1)
@@ -164,7 +214,7 @@ class Router(nn.Module):
                 weights_NK = probs_NE.gather(-1, indices_NK)
                 if self.kind == "topk":
                     weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
-        return RouterOutput(indices_NK, weights_NK, probs_NE, logits_NE)
+        return RouterOutput(indices_NK, weights_NK, probs_NE, logits_NE, lse_N)
 
     @torch.no_grad()
     def update_selection_bias(self, tokens_per_expert_E: torch.Tensor, rate: float) -> None:
@@ -249,7 +299,7 @@ class MoEFeedForward(nn.Module):
             out_ND = out_ND + self.shared_expert(x_ND)
         stats = MoEStats(
             load_balance_loss=load_balance_loss(routing.router_probs_NE, routing.expert_indices_NK, valid_N),
-            z_loss=router_z_loss(routing.router_logits_NE, valid_N),
+            z_loss=router_z_loss(routing.router_logits_NE, valid_N, routing.logsumexp_N),
             tokens_per_expert=expert_counts(routing.expert_indices_NK, self.n_experts, valid_N),
             router_probs=routing.router_probs_NE,
             expert_indices=routing.expert_indices_NK,

@@ -124,3 +124,32 @@ def test_native_plan_equals_the_python_plan(module, monkeypatch):
             assert torch.equal(getattr(native_plan, field), getattr(python_plan, field)), (trial, field)
         assert native_plan.rows_per_expert == python_plan.rows_per_expert
         assert native_plan.n_kept == python_plan.n_kept
+
+
+@pytest.mark.parametrize("kind,top_k", [("topk", 2), ("topk", 3), ("switch", 1), ("switch", 2)])
+def test_native_router_matches_the_python_router(module, monkeypatch, kind, top_k):
+    import nanomoe.moe as moe
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=256, n_layer=1, n_head=1, n_embd=32, n_experts=8, top_k=top_k,
+                      expert_hidden=64, router=kind)
+    router = moe.Router(cfg).train()
+    router.selection_bias.copy_(torch.randn(8) * 0.05)  # choices follow probs + bias, gates the probs
+    x = torch.randn(300, 32)
+    weights = torch.randn(300, top_k)  # any use of the gates, the probs and the logsumexp
+    results = []
+    for kernels in (module, None):
+        monkeypatch.setattr(moe, "_native_router_module", lambda *a, k=kernels: k)
+        router.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = router(xg)
+        assert (out.logsumexp_N is not None) and (kernels is None or out.router_probs_NE.grad_fn is not None)
+        loss = (out.expert_weights_NK * weights).sum() + moe.load_balance_loss(out.router_probs_NE, out.expert_indices_NK)
+        loss = loss + moe.router_z_loss(out.router_logits_NE, None, out.logsumexp_N)
+        loss.backward()
+        results.append((out, xg.grad, router.gate.weight.grad.clone()))
+    (got, got_dx, got_dw), (ref, ref_dx, ref_dw) = results
+    assert torch.equal(got.expert_indices_NK, ref.expert_indices_NK)
+    for a, b in ((got.expert_weights_NK, ref.expert_weights_NK), (got.router_probs_NE, ref.router_probs_NE),
+                 (got.logsumexp_N, ref.logsumexp_N), (got_dx, ref_dx), (got_dw, ref_dw)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

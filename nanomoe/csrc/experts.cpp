@@ -16,6 +16,7 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <tuple>
 #include <type_traits>
@@ -367,6 +368,89 @@ void backward(const Tensor& dout, const Tensor& token, const Tensor& slot, const
   });
 }
 
+// The router of kinds "topk" (gates renormalized over the chosen experts) and "switch" (gates the
+// chosen probabilities), per token: softmax over the E experts in fp32 and its logsumexp, the top k
+// of probs + selection bias (bias for choosing only), the gates. Returns indices (N, K), gates
+// (N, K), probs (N, E), logsumexp (N). A few dozen flops a token: ATen's generic top-k and
+// softmax kernels and the autograd graph around them cost far more than the math.
+std::tuple<Tensor, Tensor, Tensor, Tensor> router_forward(const Tensor& logits_in, const Tensor& bias_in, int64_t K,
+                                                          bool renormalize) {
+  const Tensor logits = logits_in.contiguous(), bias = bias_in.to(at::kFloat).contiguous();
+  const int64_t N = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && K >= 1 && K <= E, "router: fp32 (N, E) logits and 1 <= K <= E");
+  Tensor probs = at::empty({N, E}, logits.options()), lse = at::empty({N}, logits.options());
+  Tensor gates = at::empty({N, K}, logits.options()), indices = at::empty({N, K}, logits.options().dtype(at::kLong));
+  const float *l = logits.data_ptr<float>(), *b = bias.data_ptr<float>();
+  float *p = probs.data_ptr<float>(), *z = lse.data_ptr<float>(), *g = gates.data_ptr<float>();
+  int64_t* ix = indices.data_ptr<int64_t>();
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    std::vector<char> taken(E);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* ln = l + n * E;
+      float* pn = p + n * E;
+      float top = ln[0];
+      for (int64_t e = 1; e < E; ++e) top = std::max(top, ln[e]);
+      float total = 0.f;
+      for (int64_t e = 0; e < E; ++e) total += std::exp(ln[e] - top);
+      z[n] = top + std::log(total);
+      for (int64_t e = 0; e < E; ++e) pn[e] = std::exp(ln[e] - z[n]);
+      std::fill(taken.begin(), taken.end(), 0);
+      float chosen = 0.f;
+      for (int64_t j = 0; j < K; ++j) {  // K passes of argmax over the experts not taken yet
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e) {
+          if (taken[e]) continue;
+          if (best < 0 || pn[e] + b[e] > pn[best] + b[best]) best = e;
+        }
+        taken[best] = 1;
+        ix[n * K + j] = best;
+        g[n * K + j] = pn[best];
+        chosen += pn[best];
+      }
+      if (renormalize) {
+        for (int64_t j = 0; j < K; ++j) g[n * K + j] /= chosen;
+      }
+    }
+  });
+  return {indices, gates, probs, lse};
+}
+
+// d logits from the gradients of the gates, the probs and the logsumexp (each may be empty: zero).
+Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor& d_gates_in,
+                       const Tensor& d_probs_in, const Tensor& d_lse_in, bool renormalize) {
+  const int64_t N = probs.size(0), E = probs.size(1), K = indices.size(1);
+  const Tensor d_gates = present(d_gates_in) ? d_gates_in.to(at::kFloat).contiguous() : Tensor();
+  const Tensor d_probs = present(d_probs_in) ? d_probs_in.to(at::kFloat).contiguous() : Tensor();
+  const Tensor d_lse = present(d_lse_in) ? d_lse_in.to(at::kFloat).contiguous() : Tensor();
+  Tensor d_logits = at::empty({N, E}, probs.options());
+  const float* p = probs.data_ptr<float>();
+  const int64_t* ix = indices.data_ptr<int64_t>();
+  const float* dg = d_gates.defined() ? d_gates.data_ptr<float>() : nullptr;
+  const float* dp = d_probs.defined() ? d_probs.data_ptr<float>() : nullptr;
+  const float* dz = d_lse.defined() ? d_lse.data_ptr<float>() : nullptr;
+  float* out = d_logits.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> grad(E);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* pn = p + n * E;
+      for (int64_t e = 0; e < E; ++e) grad[e] = dp ? dp[n * E + e] : 0.f;
+      if (dg) {  // gate j = p[i_j] (/ sum_j p[i_j] when renormalized)
+        float chosen = 0.f, weighted = 0.f;
+        for (int64_t j = 0; j < K; ++j) chosen += pn[ix[n * K + j]];
+        for (int64_t j = 0; j < K; ++j) weighted += dg[n * K + j] * pn[ix[n * K + j]] / chosen;
+        for (int64_t j = 0; j < K; ++j) {
+          grad[ix[n * K + j]] += renormalize ? (dg[n * K + j] - weighted) / chosen : dg[n * K + j];
+        }
+      }
+      float dot = 0.f;  // softmax: d logits = p (grad - <grad, p>); logsumexp: d logits = d_lse p
+      for (int64_t e = 0; e < E; ++e) dot += grad[e] * pn[e];
+      const float extra = dz ? dz[n] : 0.f;
+      for (int64_t e = 0; e < E; ++e) out[n * E + e] = pn[e] * (grad[e] - dot + extra);
+    }
+  });
+  return d_logits;
+}
+
 // The dispatch plan of grouped_ffn.make_plan, as one counting sort (the Python version is ~10
 // tensor ops, ~0.7 ms per layer call). Assignments a = k * N + n in that order (first choices
 // before second choices, earlier tokens first); an expert keeps its first `capacity` (< 0: all);
@@ -422,4 +506,6 @@ __attribute__((visibility("hidden"))) void register_experts(pybind11::module& m)
   m.def("experts_forward", &forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("experts_backward", &backward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("experts_plan", &plan, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("router_forward", &router_forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("router_backward", &router_backward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
