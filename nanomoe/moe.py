@@ -10,6 +10,9 @@ their gate weights; the dispatcher sorts the N*K assignments by expert so each e
 one contiguous block, runs every expert on its block with one matrix product per weight matrix, and
 gathers each token's K weighted results back. No Python loop ever runs over tokens. The expert
 computation is one autograd Function with a hand-written backward (grouped_ffn.py; docs/moe.md).
+On the CPU the router's softmax/top-k, the plan and the experts run through native kernels
+(csrc/experts.cpp) when they are built; the Python code here and in grouped_ffn.py is the same math
+and runs everywhere else.
 """
 
 from __future__ import annotations
