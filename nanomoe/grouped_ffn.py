@@ -68,7 +68,7 @@ def make_plan(
     native = _native_module(expert_indices_NK, torch.float32)
     if native is not None:  # the same plan as one counting sort (csrc/experts.cpp)
         token_R, slot_R, row_KN, rows_per_expert, n_kept = native.experts_plan(
-            expert_indices_NK, n_experts, -1 if capacity is None else capacity, row_multiple,
+            expert_indices_NK.long(), n_experts, -1 if capacity is None else capacity, row_multiple,
             _NONE if valid_N is None else valid_N,
         )
         return ExpertPlan(token_R, slot_R, row_KN, rows_per_expert, n_kept)
@@ -165,7 +165,7 @@ def _sum_over_k(rows_KND: torch.Tensor, gate_KN: torch.Tensor | None = None) -> 
 class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan: ExpertPlan, activation: str, dtype):
-        ctx.native = _native_module(x_ND, dtype, x_ND, w_in, w_out, b_in, b_out)
+        ctx.native = _native_module(x_ND, dtype, x_ND, w_in, w_out, b_in, b_out) if x_ND.shape[0] else None
         if ctx.native is not None:
             return _native_forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan, activation, dtype)
         with torch.autocast(x_ND.device.type, enabled=False):
@@ -340,12 +340,13 @@ def _native_forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan: ExpertPl
     y_RD[R].zero_()
     out_ND = new(N, D, dtype=dtype)
     gate_KN32 = gate_KN.detach().float().contiguous()
-    ctx.native.experts_forward(
-        x_ND.detach().contiguous(), plan.token_R, plan.rows_per_expert, ACTIVATIONS[activation],
-        w_in.detach(), w_out.detach(), cast(None if b_in is None else b_in[:, :H]),
-        cast(None if b_in is None or not glu else b_in[:, H:]), cast(b_out), plan.row_KN, gate_KN32,
-        x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, out_ND,
-    )
+    with torch.autocast("cpu", enabled=False):  # the kernels run in `dtype`, on the worker threads too
+        ctx.native.experts_forward(
+            x_ND.detach().contiguous(), plan.token_R, plan.rows_per_expert, ACTIVATIONS[activation],
+            w_in.detach(), w_out.detach(), cast(None if b_in is None else b_in[:, :H]),
+            cast(None if b_in is None or not glu else b_in[:, H:]), cast(b_out), plan.row_KN, gate_KN32,
+            x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, out_ND,
+        )
     ctx.save_for_backward(x_RD, h_RH, u_RH, a_RH, y_RD, gate_KN32, w_g, w_u, w_o)
     ctx.plan, ctx.activation, ctx.has_bias = plan, activation, b_in is not None
     ctx.dtypes = (x_ND.dtype, w_in.dtype, w_out.dtype, None if b_in is None else b_in.dtype, gate_KN.dtype)

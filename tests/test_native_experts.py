@@ -153,3 +153,22 @@ def test_native_router_matches_the_python_router(module, monkeypatch, kind, top_
     for a, b in ((got.expert_weights_NK, ref.expert_weights_NK), (got.router_probs_NE, ref.router_probs_NE),
                  (got.logsumexp_N, ref.logsumexp_N), (got_dx, ref_dx), (got_dw, ref_dw)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_tokens_and_bad_plans(module, monkeypatch):
+    monkeypatch.setattr(grouped, "_native_module", lambda *a: module)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=1, n_embd=32, n_experts=4, top_k=2,
+                      expert_hidden=48)
+    layer = MoEFeedForward(cfg).train()
+    x = torch.randn(0, 5, 32, requires_grad=True)  # an empty batch: forward and backward still work
+    layer(x)[0].sum().backward()
+    assert x.grad.shape == (0, 5, 32)
+    # a plan made for other tokens is refused, not followed out of bounds
+    x = torch.randn(10, 32)
+    gates = torch.rand(2, 10)
+    plan = grouped.make_plan(torch.randint(0, 4, (100, 2)), 4, None, 1)
+    with pytest.raises(RuntimeError, match="disagree|out of range"):
+        grouped.grouped_ffn(x, gates, plan, layer.experts.w_in, layer.experts.w_out, None, None, "swiglu")
+    with pytest.raises(RuntimeError, match="row_multiple"):
+        module.experts_plan(torch.zeros(3, 2, dtype=torch.long), 4, -1, 0, torch.empty(0))

@@ -108,6 +108,7 @@ void swiglu_backward(const T* da, const T* g, const T* u, T* dg, T* du, int64_t 
 // the same on rows [r0, r0 + n) of (R, H) buffers, for fp32 or bf16 data
 void swiglu_forward_rows(const Tensor& g, const Tensor& u, const Tensor& a) {
   const int64_t n = g.numel();
+  TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16, "experts: fp32 or bf16 only");
   if (g.scalar_type() == at::kFloat) {
     swiglu_forward(g.data_ptr<float>(), u.data_ptr<float>(), a.data_ptr<float>(), n);
   } else {
@@ -118,6 +119,7 @@ void swiglu_forward_rows(const Tensor& g, const Tensor& u, const Tensor& a) {
 
 void swiglu_backward_rows(const Tensor& da, const Tensor& g, const Tensor& u, const Tensor& dg, const Tensor& du) {
   const int64_t n = g.numel();
+  TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16, "experts: fp32 or bf16 only");
   if (g.scalar_type() == at::kFloat) {
     swiglu_backward(da.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(), dg.data_ptr<float>(),
                     du.data_ptr<float>(), n);
@@ -246,6 +248,24 @@ void gated_rows(const T* src, const int64_t* token, const int64_t* slot, const f
 }
 
 
+// The index tensors the kernels follow come from Python: check them, as out-of-range indices
+// would read and write outside the buffers (the Python path raises IndexError on them).
+void check_indices(const Tensor& t, int64_t size, int64_t limit, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.numel() == size && t.is_contiguous(), "experts: ",
+              what, " must be a contiguous int64 vector of ", size, " entries");
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < size; ++i) TORCH_CHECK(p[i] >= 0 && p[i] < limit, "experts: ", what, " entry out of range");
+}
+
+int64_t total_rows(const std::vector<int64_t>& rows) {
+  int64_t R = 0;
+  for (int64_t n : rows) {
+    TORCH_CHECK(n >= 0, "experts: negative row count");
+    R += n;
+  }
+  return R;
+}
+
 void linear(Tensor out, const Tensor& x, const Tensor& w, const Tensor& b) {  // out = x w (+ b)
   if (present(b)) {
     at::addmm_out(out, b, x, w);
@@ -266,7 +286,12 @@ void forward(const Tensor& x_src, const Tensor& token, const std::vector<int64_t
              const Tensor& w_in, const Tensor& w_out, const Tensor& b_g, const Tensor& b_u, const Tensor& b_out,
              const Tensor& row, const Tensor& gate, Tensor x, Tensor w_g, Tensor w_u, Tensor w_o, Tensor h, Tensor u,
              Tensor a, Tensor y, Tensor out) {
-  const int64_t H = h.size(1);
+  const int64_t H = h.size(1), R = x.size(0), N = x_src.size(0), K = gate.size(0);
+  TORCH_CHECK(total_rows(rows) == R && y.size(0) == R + 1 && gate.size(1) == N &&
+                  static_cast<int64_t>(rows.size()) == w_in.size(0),
+              "experts_forward: buffers, plan and gates disagree in size");
+  check_indices(token, R, std::max<int64_t>(N, 1), "token");
+  check_indices(row, K * N, R + 1, "row");
   const bool glu = activation == SWIGLU;
   each_expert(rows, [&](int64_t e, int64_t r0, int64_t n) {
     w_g[e].copy_(glu ? w_in[e].narrow(1, 0, H) : w_in[e]);
@@ -293,7 +318,7 @@ void forward(const Tensor& x_src, const Tensor& token, const std::vector<int64_t
     linear(y.narrow(0, r0, n), ae, w_o[e], present(b_out) ? b_out[e] : Tensor());
   });
   // combine: out[n] = sum_k gate[k, n] y[row[k, n]]
-  const int64_t K = gate.size(0), N = gate.size(1), D = y.size(1);
+  const int64_t D = y.size(1);
   by_type(y, [&](auto t) {
     using T = decltype(t);
     gather_sum(data<T>(y), row.data_ptr<int64_t>(), gate.data_ptr<float>(), data<T>(out), N, K, D);
@@ -312,7 +337,14 @@ void backward(const Tensor& dout, const Tensor& token, const Tensor& slot, const
               const Tensor& w_u, const Tensor& w_o, const Tensor& h, const Tensor& u, const Tensor& a, const Tensor& y,
               Tensor dx, Tensor dgate, Tensor dw_in, Tensor dw_out, Tensor db_in, Tensor db_out, Tensor dy, Tensor da,
               Tensor du, Tensor dx_rows, Tensor dw_g, Tensor dw_u, Tensor dw_o) {
-  const int64_t H = h.size(1), D = x.size(1), K = row.size(0) / dx.size(0), N = dx.size(0);
+  const int64_t H = h.size(1), D = x.size(1), N = dx.size(0), R = x.size(0);
+  const int64_t K = N > 0 ? row.size(0) / N : 0;
+  TORCH_CHECK(total_rows(rows) == R && dx_rows.size(0) == R + 1 && dy.size(0) == R && dout.size(0) == N &&
+                  gate_ext.numel() == K * N + 1 && row.numel() == K * N,
+              "experts_backward: buffers, plan and gates disagree in size");
+  check_indices(token, R, std::max<int64_t>(N, 1), "token");
+  check_indices(slot, R, K * N + 1, "slot");
+  check_indices(row, K * N, R + 1, "row");
   const bool glu = activation == SWIGLU, bias = present(db_in);
   if (present(dgate)) {  // dgate[k, n] = y[row[k, n]] . dout[n]
     by_type(y, [&](auto t) {
@@ -377,7 +409,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> router_forward(const Tensor& logits_i
                                                           bool renormalize) {
   const Tensor logits = logits_in.contiguous(), bias = bias_in.to(at::kFloat).contiguous();
   const int64_t N = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(logits.scalar_type() == at::kFloat && K >= 1 && K <= E, "router: fp32 (N, E) logits and 1 <= K <= E");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && K >= 1 && K <= E && bias.numel() == E,
+              "router: fp32 (N, E) logits, an (E,) bias and 1 <= K <= E");
   Tensor probs = at::empty({N, E}, logits.options()), lse = at::empty({N}, logits.options());
   Tensor gates = at::empty({N, K}, logits.options()), indices = at::empty({N, K}, logits.options().dtype(at::kLong));
   const float *l = logits.data_ptr<float>(), *b = bias.data_ptr<float>();
@@ -462,6 +495,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<int64_t>, int64_t> plan(const Ten
   TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kLong, "plan: indices must be (N, K) int64");
   const Tensor idx = indices.contiguous();
   const int64_t N = idx.size(0), K = idx.size(1);
+  TORCH_CHECK(row_multiple >= 1 && n_experts >= 1, "plan: row_multiple and n_experts must be >= 1");
+  TORCH_CHECK(!present(valid) || valid.numel() == N, "plan: valid must have one entry per token");
   const int64_t* ex = idx.data_ptr<int64_t>();
   const Tensor ok = present(valid) ? valid.to(at::kBool).contiguous() : Tensor();
   const bool* keep = present(ok) ? ok.data_ptr<bool>() : nullptr;
