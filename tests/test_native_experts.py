@@ -74,6 +74,9 @@ def test_native_kernels_run_in_inference_mode(module, monkeypatch):
     cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=1, n_embd=64, n_experts=4, top_k=2,
                       expert_hidden=96)
     layer = MoEFeedForward(cfg).eval()
+    with torch.no_grad():  # the layer alone is not initialized (GPT.init_weights does that)
+        for p in layer.parameters():
+            p.normal_(0, 0.1)
     x = torch.randn(1, 40, 64)
     outs = []
     for kernels in (module, None):
@@ -161,6 +164,9 @@ def test_no_tokens_and_bad_plans(module, monkeypatch):
     cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=1, n_embd=32, n_experts=4, top_k=2,
                       expert_hidden=48)
     layer = MoEFeedForward(cfg).train()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.1)
     x = torch.randn(0, 5, 32, requires_grad=True)  # an empty batch: forward and backward still work
     layer(x)[0].sum().backward()
     assert x.grad.shape == (0, 5, 32)
