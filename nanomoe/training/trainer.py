@@ -134,17 +134,17 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     torch multiplies every gradient by min(1, max_norm / (norm + 1e-6)) unconditionally, to spare
     the GPU a sync; the trainer reads the norm right afterwards anyway, so here the multiply, a pass
     over all gradients (4x the dense twin's for an MoE), runs only when it changes something.
-    max_norm <= 0: no clipping, just the norm. Returns the total norm (a DTensor under FSDP).
+    max_norm <= 0: no clipping, just the norm. Returns the total norm as a plain tensor (gathered
+    once from its shards under FSDP).
     """
-    params = [p for p in parameters if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if max_norm > 0:
-        from ..distributed import full_value
+    from ..distributed import full_value
 
-        norm = full_value(total_norm)
-        if not torch.isfinite(norm) or norm + 1e-6 > max_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
-    return total_norm
+    params = [p for p in parameters if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # a DTensor under FSDP
+    norm = full_value(total_norm)
+    if max_norm > 0 and (not torch.isfinite(norm) or norm + 1e-6 > max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+    return norm
 
 
 class Trainer:
@@ -385,10 +385,8 @@ class Trainer:
             finite = self.dist.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0
         grad_norm = None
         if finite:
-            from ..distributed import full_value
-
             self.scaler.unscale_(self.optimizer)
-            grad_norm = full_value(clip_grad_norm(self.model.parameters(), self.cfg.grad_clip))  # DTensor under FSDP
+            grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
             finite = bool(torch.isfinite(grad_norm)) or self.scaler.is_enabled()
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
