@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .model import GPT, apply_rope
+from .model import GPT
 from .native import native_decode_available, native_decode_step
+from .ops import apply_rope
 
 # ---------------------------------------------------------------------------------------------
 # Sampling

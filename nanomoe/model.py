@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .moe import GroupedExperts, MoEFeedForward, MoEStats, Router, ffn_activation
-from .ops import RMSNorm
+from .ops import RMSNorm, apply_rope, cross_entropy_sum
 
 IGNORE_INDEX = -100  # target value excluded from the loss (padding, or positions with no next token)
 
@@ -50,15 +50,6 @@ def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Te
     angles = torch.outer(positions, inv_freq)  # (block_size, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, d)
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) of x (..., d) by position-dependent angles (Su et al. 2021);
-    the tables broadcast against x (e.g. (T, 1, d) for x of shape (B, T, H, d))."""
-    cos_Td, sin_Td = cos_Td.to(x.dtype), sin_Td.to(x.dtype)  # in bf16 under autocast: no fp32 copies of q, k
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos_Td + rotated * sin_Td
 
 
 # Up to this length, causal attention runs as two batched matrix products around a softmax.
@@ -311,9 +302,7 @@ class GPT(nn.Module):
         if targets is not None:
             # loss in fp32 and summed over valid targets, so padding never counts and an all-padding
             # batch gives 0 rather than NaN
-            loss_sum = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
+            loss_sum = cross_entropy_sum(logits.view(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX)
             n = (targets != IGNORE_INDEX).sum()
             out.loss = loss_sum / n.clamp(min=1)
             out.n_loss_tokens = n

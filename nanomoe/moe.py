@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .grouped_ffn import ExpertPlan, compute_dtype, grouped_ffn, make_plan, row_multiple_for
+from .ops import swiglu
 
 
 def ffn_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -34,8 +35,7 @@ def ffn_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
         return F.relu(h)
     if kind == "gelu":
         return F.gelu(h, approximate="tanh")
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return swiglu(h)
 
 
 @dataclass

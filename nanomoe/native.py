@@ -6,8 +6,11 @@
 - Expert kernels (csrc/experts.cpp): forward and backward of the MoE layer's experts in training,
   each expert on one thread (nanomoe/grouped_ffn.py uses them on the CPU; without them it runs the
   same math in Python). NANOMOE_NATIVE_EXPERTS=0 turns them off.
+- Fused ops (csrc/fused_ops.cpp): cross entropy, rotary embeddings and SwiGLU, forward and backward,
+  for training and evaluation on the CPU (nanomoe/ops.py; PyTorch's ops otherwise, and under
+  torch.compile, which fuses them itself). NANOMOE_NATIVE_OPS=0 turns them off.
 
-NANOMOE_NATIVE=0 turns both off. The extension is compiled with the machine's C++ compiler on first
+NANOMOE_NATIVE=0 turns all of them off. The extension is compiled with the machine's C++ compiler on first
 use (~30 s, once: torch keeps the build under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)
 for the CPU it runs on (-march=native: AVX512-BF16 dot products and AMX tiles where the CPU has them).
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "module.cpp", CSRC / "decode_step.cpp", CSRC / "experts.cpp"]
+SOURCES = [CSRC / "module.cpp", CSRC / "decode_step.cpp", CSRC / "experts.cpp", CSRC / "fused_ops.cpp"]
 HEADERS = [CSRC / "simd.h"]
 
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragmas only take effect when the
@@ -121,6 +124,13 @@ def experts_module():
     """The extension for the expert training kernels, or None when they are turned off or cannot be
     built (the caller then runs its Python path)."""
     if not _enabled("NANOMOE_NATIVE_EXPERTS"):
+        return None
+    return load_extension()
+
+
+def fused_ops_module():
+    """The extension for the fused ops (nanomoe/ops.py), or None (the caller then runs PyTorch's)."""
+    if not _enabled("NANOMOE_NATIVE_OPS"):
         return None
     return load_extension()
 

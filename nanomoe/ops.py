@@ -3,6 +3,12 @@
 PyTorch's RMSNorm has a fused forward on the CPU but its backward is decomposed into a dozen
 elementwise kernels and copies; on a 2-core CPU that made the 13 norms of a 6-layer model cost as
 much as its matrix products. These functions compute the same math with few kernels.
+
+Cross entropy, rotary embeddings and SwiGLU run as native kernels (csrc/fused_ops.cpp, one pass
+each way, fp32 math with one rounding) on fp32/bf16 CPU tensors: in a tiny model they are
+memory-bound and PyTorch spends 3-6 kernels and their temporaries on each. Elsewhere (CUDA, fp64/
+fp16, no compiler, NANOMOE_NATIVE_OPS=0) and under torch.compile (which fuses them itself) the
+PyTorch versions below run.
 """
 
 from __future__ import annotations
@@ -59,3 +65,90 @@ class RMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+# ---------------------------------------------------------------------------------------------
+# native fused ops: cross entropy, rotary embeddings, SwiGLU
+
+
+def _native_ops(*tensors: torch.Tensor):
+    """The extension when the fused kernels apply (fp32/bf16 CPU tensors, outside torch.compile), else None."""
+    if torch.compiler.is_compiling():
+        return None
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) for t in tensors):
+        return None
+    from . import native
+
+    return native.fused_ops_module()
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_NV, targets_N, ignore_index, module):
+        loss_N, lse_N = module.cross_entropy_forward(logits_NV, targets_N, ignore_index)
+        ctx.save_for_backward(logits_NV, targets_N, lse_N)  # the logits in their dtype, not an fp32 copy
+        ctx.module, ctx.ignore_index = module, ignore_index
+        return loss_N.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits_NV, targets_N, lse_N = ctx.saved_tensors
+        return ctx.module.cross_entropy_backward(logits_NV, targets_N, lse_N, grad, ctx.ignore_index), None, None, None
+
+
+def cross_entropy_sum(logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Sum over the rows whose target is not ignore_index of -log softmax(logits)[target], in fp32
+    whatever the logits' dtype (an fp32 scalar)."""
+    module = _native_ops(logits_NV)
+    if module is None or targets_N.device.type != "cpu":
+        return F.cross_entropy(logits_NV.float(), targets_N, ignore_index=ignore_index, reduction="sum")
+    return _CrossEntropySum.apply(logits_NV, targets_N, ignore_index, module)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos_Td, sin_Td, module):
+        ctx.save_for_backward(cos_Td, sin_Td)
+        ctx.module = module
+        return module.rope(x, cos_Td, sin_Td, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos_Td, sin_Td = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        return ctx.module.rope(grad, cos_Td, sin_Td, True), None, None, None
+
+
+def apply_rope(x: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) of x (..., d) by position-dependent angles (Su et al. 2021);
+    the tables broadcast against x (e.g. (T, 1, d) for x of shape (B, T, H, d))."""
+    if (
+        x.dim() == 4 and cos_Td.dim() == 3 and cos_Td.shape[1] == 1 and cos_Td.shape[0] == x.shape[1]
+        and x.stride(-1) == 1 and (module := _native_ops(x, cos_Td, sin_Td)) is not None
+    ):  # one table row per position, shared by the batch and the heads
+        return _Rope.apply(x, cos_Td[:, 0], sin_Td[:, 0], module)
+    cos_Td, sin_Td = cos_Td.to(x.dtype), sin_Td.to(x.dtype)  # in bf16 under autocast: no fp32 copies of q, k
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos_Td + rotated * sin_Td
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, module):
+        ctx.save_for_backward(h)  # silu is recomputed in the backward: h is all it needs
+        ctx.module = module
+        return module.swiglu(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return ctx.module.swiglu_backward(grad, h), None
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h (..., 2H) holding [gate | up] halves."""
+    if (module := _native_ops(h)) is not None:
+        return _SwiGLU.apply(h, module)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -64,47 +64,6 @@ void each_expert(const std::vector<int64_t>& rows, F&& body) {
   });
 }
 
-// a = silu(g) * u = g / (1 + e^-g) * u over n elements, in fp32, rounded once.
-template <typename T>
-void swiglu_forward(const T* g, const T* u, T* a, int64_t n) {
-  int64_t i = 0;
-#if defined(NANOMOE_AVX512)
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i < n; i += 16) {
-    const __mmask16 m = tail_mask(n - i);
-    const __m512 gv = load16(g + i, m);
-    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp_vec(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-    store16(a + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), load16(u + i, m)), m);
-  }
-#endif
-  for (; i < n; ++i) {
-    const float gv = load(g, i);
-    store(a, i, gv / (1.f + std::exp(-gv)) * load(u, i));
-  }
-}
-
-// From da = dL/da: du = silu(g) da, dg = da u sig(g) (1 + g (1 - sig(g))). dg may alias da.
-template <typename T>
-void swiglu_backward(const T* da, const T* g, const T* u, T* dg, T* du, int64_t n) {
-  int64_t i = 0;
-#if defined(NANOMOE_AVX512)
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i < n; i += 16) {
-    const __mmask16 m = tail_mask(n - i);
-    const __m512 gv = load16(g + i, m), dav = load16(da + i, m);
-    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp_vec(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-    store16(du + i, _mm512_mul_ps(dav, _mm512_mul_ps(gv, sig)), m);
-    const __m512 slope = _mm512_mul_ps(sig, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sig), one));
-    store16(dg + i, _mm512_mul_ps(_mm512_mul_ps(dav, load16(u + i, m)), slope), m);
-  }
-#endif
-  for (; i < n; ++i) {
-    const float gv = load(g, i), dav = load(da, i), sig = 1.f / (1.f + std::exp(-gv));
-    store(du, i, dav * gv * sig);
-    store(dg, i, dav * load(u, i) * sig * (1.f + gv * (1.f - sig)));
-  }
-}
-
 // the same on rows [r0, r0 + n) of (R, H) buffers, for fp32 or bf16 data
 void swiglu_forward_rows(const Tensor& g, const Tensor& u, const Tensor& a) {
   const int64_t n = g.numel();

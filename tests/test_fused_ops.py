@@ -1,0 +1,206 @@
+"""The fused native ops (csrc/fused_ops.cpp: cross entropy, rotary embeddings, SwiGLU) against
+float64 references and against the PyTorch paths of nanomoe/ops.py."""
+
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanomoe import native, ops
+from nanomoe.model import GPT, rope_cache
+from nanomoe.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def module():
+    m = native.fused_ops_module()
+    if m is None:
+        pytest.skip(f"the native kernels did not build: {native._build_error}")
+    return m
+
+
+def use(monkeypatch, kernels):
+    """Route nanomoe.ops through `kernels` (the extension module) or through PyTorch (None)."""
+    used = []
+    monkeypatch.setattr(ops, "_native_ops", lambda *a: used.append(kernels) or kernels)
+    return used
+
+
+def rope_reference(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def grads_of(fn, inputs, grad_out):
+    """fn(*inputs) and the gradients of <fn(*inputs), grad_out> with respect to the inputs."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [t.grad for t in inputs]
+
+
+# ---------------------------------------------------------------------------------------------
+# cross entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [2048, 37])  # 37: the scalar tail after the 16-lane loops
+def test_cross_entropy_matches_float64(module, monkeypatch, dtype, vocab):
+    torch.manual_seed(0)
+    logits = (torch.randn(301, vocab, dtype=torch.float64) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (301,))
+    targets[::5] = -100
+    used = use(monkeypatch, module)
+    loss, (grad,) = grads_of(lambda x: ops.cross_entropy_sum(x, targets), [logits], torch.tensor(0.7))
+    assert used and loss.dtype == torch.float32 and grad.dtype == dtype
+    ref, (ref_grad,) = grads_of(lambda x: F.cross_entropy(x, targets, reduction="sum"), [logits.double()],
+                                torch.tensor(0.7, dtype=torch.float64))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-8  # one rounding of values below 0.7
+    assert (grad.double() - ref_grad).abs().max() <= tolerance
+    assert grad[::5].abs().max() == 0  # ignored rows
+
+
+def test_cross_entropy_of_bad_rows_and_targets(module, monkeypatch):
+    use(monkeypatch, module)
+    logits = torch.randn(4, 50, requires_grad=True)
+    with torch.no_grad():
+        logits[1, 3] = float("nan")
+    loss = ops.cross_entropy_sum(logits, torch.tensor([1, 2, 3, -100]))
+    assert torch.isnan(loss)  # a NaN logit must not be clamped into a finite loss
+    loss.backward()
+    assert torch.isnan(logits.grad[1]).all() and torch.isfinite(logits.grad[0]).all()
+    assert logits.grad[3].abs().max() == 0
+    # every target ignored: a zero sum, zero gradients
+    clean = torch.randn(3, 50, requires_grad=True)
+    loss = ops.cross_entropy_sum(clean, torch.full((3,), -100))
+    loss.backward()
+    assert loss.item() == 0 and clean.grad.abs().max() == 0
+    with pytest.raises(RuntimeError, match="target 300 out of range for 50 classes"):
+        ops.cross_entropy_sum(clean, torch.tensor([1, 300, 2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary embeddings
+
+
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: a 12-wide half, a masked 16-lane step
+def test_rope_matches_float64_on_a_strided_view(module, monkeypatch, head_dim):
+    torch.manual_seed(0)
+    cfg = get_preset("debug", n_embd=4 * head_dim, n_head=4)
+    cos, sin = rope_cache(cfg)
+    T = 37
+    cos_T, sin_T = cos[5 : 5 + T, None], sin[5 : 5 + T, None]  # positions 5.., as after a prompt
+    qkv = torch.randn(3, T, 12, head_dim, dtype=torch.float64)
+    grad_out = torch.randn(3, T, 8, head_dim, dtype=torch.float64)
+    ref, ref_grads = grads_of(lambda x: rope_reference(x, cos_T.double(), sin_T.double()), [qkv[:, :, :8]], grad_out)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = qkv.to(dtype).requires_grad_()
+        used = use(monkeypatch, module)
+        out = ops.apply_rope(x[:, :, :8], cos_T, sin_T)  # the q|k heads of a fused projection: not contiguous
+        out.backward(grad_out.to(dtype))
+        assert used and out.dtype == dtype and out.is_contiguous()
+        tolerance = 1e-6 if dtype == torch.float32 else 2**-7  # |values| < 4: one bf16 rounding
+        assert (out.double() - ref).abs().max() <= tolerance * 4
+        assert (x.grad[:, :, :8].double() - ref_grads[0]).abs().max() <= tolerance * 4
+        assert x.grad[:, :, 8:].abs().max() == 0
+
+
+def test_rope_backward_is_the_exact_transpose(module, monkeypatch):
+    """With arbitrary tables (sin[i] != sin[i + d/2]) the backward must still be the transpose."""
+    torch.manual_seed(1)
+    T, d = 9, 32
+    cos, sin = torch.randn(T, 1, d), torch.randn(T, 1, d)
+    x = torch.randn(2, T, 3, d, dtype=torch.float64)
+    grad_out = torch.randn(2, T, 3, d, dtype=torch.float64)
+    _, (ref,) = grads_of(lambda t: rope_reference(t, cos.double(), sin.double()), [x], grad_out)
+    use(monkeypatch, module)
+    _, (got,) = grads_of(lambda t: ops.apply_rope(t, cos, sin), [x.float()], grad_out)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_float64(module, monkeypatch, dtype):
+    torch.manual_seed(0)
+    h = torch.randn(3, 11, 2 * 53, dtype=torch.float64) * 3  # 53: a masked tail
+    grad_out = torch.randn(3, 11, 53, dtype=torch.float64)
+
+    def reference(t):
+        gate, up = t.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    ref, (ref_grad,) = grads_of(reference, [h], grad_out)
+    used = use(monkeypatch, module)
+    out, (grad,) = grads_of(ops.swiglu, [h.to(dtype)], grad_out)
+    assert used and out.dtype == dtype and out.shape == (3, 11, 53)
+    scale = max(ref.abs().max().item(), ref_grad.abs().max().item())
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-8
+    assert (out.double() - ref).abs().max() <= tolerance * scale
+    assert (grad.double() - ref_grad).abs().max() <= 2 * tolerance * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# in the model
+
+
+MODELS = {  # an MoE (its experts have their own kernels) and a dense SwiGLU model
+    "moe": ("debug", {}),
+    "dense": ("tiny-dense", dict(n_layer=2, n_embd=64, n_head=4, ffn_hidden=96)),
+}
+
+
+def loss_and_grads(monkeypatch, kernels, kind, dtype):
+    used = use(monkeypatch, kernels)
+    torch.manual_seed(0)
+    preset, overrides = MODELS[kind]
+    model = GPT(get_preset(preset, vocab_size=128, block_size=32, **overrides))
+    idx = torch.randint(0, 128, (2, 32))
+    targets = torch.randint(0, 128, (2, 32))
+    targets[1, 20:] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        out = model(idx, targets)
+    out.loss.backward()
+    assert used and all(u is kernels for u in used)
+    return out.loss.detach(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_model_trains_the_same_through_the_fused_ops(module, monkeypatch, kind, dtype):
+    loss, grads = loss_and_grads(monkeypatch, module, kind, dtype)
+    ref_loss, ref_grads = loss_and_grads(monkeypatch, None, kind, dtype)
+    tolerance = 1e-5 if dtype == "fp32" else 0.02  # bf16: the PyTorch path rounds after every op
+    torch.testing.assert_close(loss, ref_loss, rtol=tolerance, atol=0)
+    for g, e in zip(grads, ref_grads, strict=True):
+        assert (g - e).abs().max() <= tolerance * 5 * e.abs().max() + 1e-8
+
+
+def test_the_pytorch_path_where_the_kernels_do_not_apply(module, monkeypatch):
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert ops._native_ops(x) is None  # float64
+    assert ops._native_ops(x.float()) is module
+    monkeypatch.setenv("NANOMOE_NATIVE_OPS", "0")
+    assert ops._native_ops(x.float()) is None
+    monkeypatch.setenv("NANOMOE_NATIVE_OPS", "1")
+    monkeypatch.setenv("NANOMOE_NATIVE", "0")
+    assert ops._native_ops(x.float()) is None
+
+
+@pytest.mark.slow
+def test_the_portable_build_matches(monkeypatch):
+    """Without AVX-512 (most laptops) every fused op takes its scalar loop."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the baseline build is an x86-64 target")
+    portable = native.build_extension(["-O3", "-march=x86-64", "-fopenmp"])
+    for dtype in ("fp32", "bf16"):
+        loss, grads = loss_and_grads(monkeypatch, portable, "dense", dtype)
+        ref_loss, ref_grads = loss_and_grads(monkeypatch, None, "dense", dtype)
+        tolerance = 1e-5 if dtype == "fp32" else 0.02
+        torch.testing.assert_close(loss, ref_loss, rtol=tolerance, atol=0)
+        for g, e in zip(grads, ref_grads, strict=True):
+            assert (g - e).abs().max() <= tolerance * 5 * e.abs().max() + 1e-8
