@@ -6,7 +6,7 @@
 - Expert kernels (csrc/experts.cpp): forward and backward of the MoE layer's experts in training,
   each expert on one thread (nanomoe/grouped_ffn.py uses them on the CPU; without them it runs the
   same math in Python). NANOMOE_NATIVE_EXPERTS=0 turns them off.
-- Fused ops (csrc/fused_ops.cpp): cross entropy, rotary embeddings and SwiGLU, forward and backward,
+- Fused ops (csrc/fused_ops.cpp): cross entropy, RMSNorm, rotary embeddings and SwiGLU, forward and backward,
   for training and evaluation on the CPU (nanomoe/ops.py; PyTorch's ops otherwise, and under
   torch.compile, which fuses them itself). NANOMOE_NATIVE_OPS=0 turns them off.
 

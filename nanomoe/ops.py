@@ -4,7 +4,7 @@ PyTorch's RMSNorm has a fused forward on the CPU but its backward is decomposed 
 elementwise kernels and copies; on a 2-core CPU that made the 13 norms of a 6-layer model cost as
 much as its matrix products. These functions compute the same math with few kernels.
 
-Cross entropy, rotary embeddings and SwiGLU run as native kernels (csrc/fused_ops.cpp, one pass
+The RMSNorm training path, cross entropy, rotary embeddings and SwiGLU run as native kernels (csrc/fused_ops.cpp, one pass
 each way, fp32 math with one rounding) on fp32/bf16 CPU tensors: in a tiny model they are
 memory-bound and PyTorch spends 3-6 kernels and their temporaries on each. Elsewhere (CUDA, fp64/
 fp16, no compiler, NANOMOE_NATIVE_OPS=0) and under torch.compile (which fuses them itself) the
@@ -45,8 +45,27 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
 
 
+class _NativeRMSNorm(torch.autograd.Function):
+    """_RMSNorm's math as two native passes (csrc/fused_ops.cpp)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, module):
+        y, rstd = module.rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.module = module
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = ctx.module.rms_norm_backward(grad_y, x, weight, rstd)
+        return grad_x, grad_weight.to(weight.dtype), None, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if (module := _native_ops(x, weight)) is not None:
+            return _NativeRMSNorm.apply(x, weight, eps, module)
         return _RMSNorm.apply(x, weight, eps)
     # inference: torch's fused kernel, in fp32 like the training path
     return F.rms_norm(_upcast(x), (x.shape[-1],), _upcast(weight), eps).to(x.dtype)

@@ -204,3 +204,42 @@ def test_the_portable_build_matches(monkeypatch):
         torch.testing.assert_close(loss, ref_loss, rtol=tolerance, atol=0)
         for g, e in zip(grads, ref_grads, strict=True):
             assert (g - e).abs().max() <= tolerance * 5 * e.abs().max() + 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [256, 70])  # 70: a masked tail
+def test_rms_norm_matches_float64(module, monkeypatch, dtype, dim):
+    torch.manual_seed(0)
+    x = torch.randn(5, 67, dim, dtype=torch.float64) * 2  # 335 rows: several blocks and a partial one
+    weight = torch.randn(dim, dtype=torch.float64)
+    grad_out = torch.randn(5, 67, dim, dtype=torch.float64).to(dtype).double()  # as the kernel sees it
+
+    def reference(t, w):
+        return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-5) * w
+
+    ref, (ref_dx, ref_dw) = grads_of(reference, [x.to(dtype).double(), weight.float().double()], grad_out)
+    used = use(monkeypatch, module)
+    out, (dx, dw) = grads_of(lambda t, w: ops.rms_norm(t, w, 1e-5), [x.to(dtype), weight.float()], grad_out)
+    assert used and out.dtype == dtype and dx.dtype == dtype and dw.dtype == torch.float32
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    for got, expected in ((out, ref), (dx, ref_dx), (dw, ref_dw)):
+        assert (got.double() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_rms_norm_weight_gradient_does_not_depend_on_threads(module, monkeypatch):
+    torch.manual_seed(0)
+    x, weight, grad_out = torch.randn(1000, 64), torch.randn(64), torch.randn(1000, 64)
+    use(monkeypatch, module)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(grads_of(lambda t, w: ops.rms_norm(t, w, 1e-5), [x, weight], grad_out)[1][1])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
