@@ -19,7 +19,7 @@ from nanomoe.errors import CheckpointError, ConfigError
 from nanomoe.presets import get_preset
 from nanomoe.training import checkpoint as ckpt
 from nanomoe.training.config import TrainConfig
-from nanomoe.training.trainer import Trainer, TrainingError, clip_grad_norm
+from nanomoe.training.trainer import Trainer, TrainingError, clear_grad_scale, clip_grad_norm
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,30 @@ def test_clip_grad_norm_matches_torch_and_skips_the_no_op_multiply(max_norm, mon
     assert len(multiplies) == (1 if 0 < max_norm < norm else 0)
     if 0 < max_norm < norm:
         assert torch.nn.utils.get_total_norm([p.grad for p in ours[:2]]).item() == pytest.approx(max_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clipping_inside_the_fused_adamw_step_equals_clipping_first(max_norm):
+    def setup():
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (7, 300)]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) * 3
+        return ps, torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, fused=True)
+
+    (ours, opt), (ref, ref_opt) = setup(), setup()
+    got = clip_grad_norm(ours, max_norm, optimizer=opt)
+    assert hasattr(opt, "grad_scale") == (max_norm < got.item())
+    opt.step()
+    clear_grad_scale(opt)
+    assert not hasattr(opt, "grad_scale")
+    expected = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    ref_opt.step()
+    assert got.item() == expected.item()
+    for a, b in zip(ours, ref):  # x / (1 / c) vs x * c: the last bit may differ
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)  # the kernel stores the clipped grads
+    assert not torch.equal(ours[1], setup()[0][1])  # the step moved the parameters
 
 
 def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
