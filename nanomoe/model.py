@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .moe import GroupedExperts, MoEFeedForward, MoEStats, Router, ffn_activation
-from .ops import RMSNorm, apply_rope, cross_entropy_sum
+from .ops import RMSNorm, apply_rope, causal_attention_probs, cross_entropy_sum
 
 IGNORE_INDEX = -100  # target value excluded from the loss (padding, or positions with no next token)
 
@@ -69,12 +69,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     G = Hq // Hkv  # query heads per key/value head
     q = q.reshape(B * Hkv, G * T, d)  # rows (g, t): the G query heads of one key/value head
     k, v = k.reshape(B * Hkv, T, d), v.reshape(B * Hkv, T, d)
-    dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
-    mask = torch.full((T, T), float("-inf"), device=q.device, dtype=dtype).triu(1).repeat(G, 1)  # (G*T, T)
-    scores = torch.baddbmm(mask.expand(B * Hkv, G * T, T), q, k.transpose(1, 2), alpha=d**-0.5)
-    # the softmax kernels accumulate half-precision inputs in fp32; an explicit fp32 result would
-    # only add two (T, T) conversions per layer
-    probs = torch.softmax(scores, dim=-1)
+    probs = causal_attention_probs(q, k, d**-0.5)  # native: scale, mask and softmax in one pass
+    if probs is None:
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        mask = torch.full((T, T), float("-inf"), device=q.device, dtype=dtype).triu(1).repeat(G, 1)  # (G*T, T)
+        scores = torch.baddbmm(mask.expand(B * Hkv, G * T, T), q, k.transpose(1, 2), alpha=d**-0.5)
+        # the softmax kernels accumulate half-precision inputs in fp32; an explicit fp32 result would
+        # only add two (T, T) conversions per layer
+        probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return torch.bmm(probs, v).view(B, Hq, T, d)

@@ -4,7 +4,8 @@ PyTorch's RMSNorm has a fused forward on the CPU but its backward is decomposed 
 elementwise kernels and copies; on a 2-core CPU that made the 13 norms of a 6-layer model cost as
 much as its matrix products. These functions compute the same math with few kernels.
 
-The RMSNorm training path, cross entropy, rotary embeddings and SwiGLU run as native kernels (csrc/fused_ops.cpp, one pass
+The RMSNorm training path, cross entropy, rotary embeddings, SwiGLU and the causal attention
+softmax run as native kernels (csrc/fused_ops.cpp, one pass
 each way, fp32 math with one rounding) on fp32/bf16 CPU tensors: in a tiny model they are
 memory-bound and PyTorch spends 3-6 kernels and their temporaries on each. Elsewhere (CUDA, fp64/
 fp16, no compiler, NANOMOE_NATIVE_OPS=0) and under torch.compile (which fuses them itself) the
@@ -150,6 +151,29 @@ def apply_rope(x: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> t
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos_Td + rotated * sin_Td
+
+
+class _CausalSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, scale, module):
+        probs = module.causal_softmax(scores, scale)
+        ctx.save_for_backward(probs)
+        ctx.module, ctx.scale = module, scale
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        return ctx.module.causal_softmax_backward(grad, probs, ctx.scale), None, None
+
+
+def causal_attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """softmax(scale * q k^T) over the keys j <= the query's position, zeros for later keys, for q
+    (batch, G*T, d) (row r: the query at position r % T) and k (batch, T, d); None where the
+    native kernel does not apply (the caller then masks and uses torch.softmax)."""
+    if (module := _native_ops(q, k)) is None:
+        return None
+    return _CausalSoftmax.apply(torch.bmm(q, k.transpose(1, 2)), scale, module)
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -243,3 +243,39 @@ def test_rms_norm_weight_gradient_does_not_depend_on_threads(module, monkeypatch
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# causal attention softmax
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups,T", [(1, 37), (3, 20)])  # 3 query heads per key head; odd lengths
+def test_causal_softmax_matches_float64(module, monkeypatch, dtype, groups, T):
+    torch.manual_seed(0)
+    q = torch.randn(4, groups * T, 16, dtype=torch.float64)
+    k = torch.randn(4, T, 16, dtype=torch.float64)
+    grad_out = torch.randn(4, groups * T, T, dtype=torch.float64).to(dtype).double()
+
+    def reference(q_, k_):
+        mask = torch.ones(T, T, dtype=torch.bool).tril().repeat(groups, 1)
+        return torch.softmax((q_ @ k_.transpose(1, 2) * 0.25).masked_fill(~mask, float("-inf")), dim=-1)
+
+    ref, ref_grads = grads_of(reference, [q.to(dtype).double(), k.to(dtype).double()], grad_out)
+    used = use(monkeypatch, module)
+    out, grads = grads_of(lambda a, b: ops.causal_attention_probs(a, b, 0.25), [q.to(dtype), k.to(dtype)], grad_out)
+    assert used and out.dtype == dtype
+    later = ~torch.ones(T, T, dtype=torch.bool).tril().repeat(groups, 1)
+    assert out[:, later].abs().max() == 0  # later keys get exactly nothing
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: the scores are rounded before the softmax
+    assert (out.double() - ref).abs().max() <= tolerance
+    for got, expected in zip(grads, ref_grads):
+        assert (got.double() - expected).abs().max() <= 4 * tolerance * expected.abs().max()
+
+
+def test_causal_softmax_keeps_a_nan(module, monkeypatch):
+    use(monkeypatch, module)
+    q, k = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    k[0, 0, 0] = float("nan")
+    probs = ops.causal_attention_probs(q, k, 0.5)
+    assert torch.isnan(probs[0, :, 0]).all() and torch.isnan(probs[0, 2, :3]).all()

@@ -7,6 +7,9 @@
 //   log_softmax backward, the cast back) moves ~6x the bytes: ~35 ms of a 0.35 s tiny-model step.
 // - rotary embeddings: out = x cos + rotate_half(x) sin per row, in fp32 with one rounding, and the
 //   inverse rotation for the backward (the Python version is 5 kernels each way, with a cat).
+// - causal softmax of attention scores: scale, mask and softmax in one pass over the rows' visible
+//   half (the masked half is written as zeros, never exponentiated), and its backward likewise;
+//   PyTorch adds a (T, T) mask to the scores, then runs softmax over every entry.
 // - RMSNorm: rstd and the normalized rows in one pass; the backward (grad x and grad weight) in one
 //   pass over the rows, where PyTorch's decomposition takes ~10 elementwise kernels each way.
 // - SwiGLU over [gate | up] rows, the dense feed-forward's activation: silu(g) * u in one pass, the
@@ -19,6 +22,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "simd.h"
 
@@ -221,6 +225,99 @@ Tensor rope(const Tensor& x, const Tensor& cos_in, const Tensor& sin_in, bool in
 }
 
 // ---------------------------------------------------------------------------------------------
+// causal softmax
+
+// scores (BH, R, T) with row r the query at position r % T (R = G*T: G query heads per key head);
+// probs[j] = softmax_j(scale * scores[j]) over the keys j <= r % T, 0 for the later keys. In fp32,
+// stored in the scores' dtype. A row holding a NaN or an infinity gives NaN (exp_vec would clamp it).
+Tensor causal_softmax(const Tensor& scores_in, double scale_in) {
+  check_float(scores_in, "causal_softmax");
+  TORCH_CHECK(scores_in.dim() == 3, "causal_softmax: scores must be (batch, rows, T)");
+  const Tensor scores = scores_in.contiguous();
+  const int64_t rows = scores.size(0) * scores.size(1), T = scores.size(2);
+  const float scale = float(scale_in);
+  TORCH_CHECK(scale > 0, "causal_softmax: the scale must be positive");
+  Tensor probs = at::empty_like(scores);
+  by_type(scores, [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* src = raw<T_>(scores);
+    T_* dst = raw<T_>(probs);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> e(T);
+      for (int64_t r = begin; r < end; ++r) {
+        const T_* row = src + r * T;
+        T_* out = dst + r * T;
+        const int64_t n = r % scores.size(1) % T + 1;  // visible keys
+        const float top = row_max(row, n);
+        for (int64_t j = n; j < T; ++j) store(out, j, 0.f);
+        if (!std::isfinite(top)) {  // NaN, or an overflowed score: no meaningful softmax
+          for (int64_t j = 0; j < n; ++j) store(out, j, std::numeric_limits<float>::quiet_NaN());
+          continue;
+        }
+        float total = 0.f;
+        int64_t j = 0;
+#if defined(NANOMOE_AVX512)
+        const __m512 sv = _mm512_set1_ps(scale), tv = _mm512_set1_ps(top);
+        __m512 acc = _mm512_setzero_ps();
+        for (; j < n; j += 16) {
+          const __mmask16 m = tail_mask(n - j);
+          const __m512 v = _mm512_maskz_mov_ps(m, exp_vec(_mm512_mul_ps(sv, _mm512_sub_ps(load16(row + j, m), tv))));
+          _mm512_mask_storeu_ps(e.data() + j, m, v);
+          acc = _mm512_add_ps(acc, v);
+        }
+        total = _mm512_reduce_add_ps(acc);
+#endif
+        for (; j < n; ++j) total += (e[j] = std::exp(scale * (load(row, j) - top)));
+        const float inv = 1.f / total;
+        for (j = 0; j < n; ++j) store(out, j, e[j] * inv);
+      }
+    });
+  });
+  return probs;
+}
+
+// d scores[j] = scale * p[j] * (dp[j] - sum_k p[k] dp[k]) over the visible keys, 0 elsewhere.
+Tensor causal_softmax_backward(const Tensor& dprobs_in, const Tensor& probs, double scale_in) {
+  const Tensor dprobs = dprobs_in.to(probs.scalar_type()).contiguous();
+  TORCH_CHECK(probs.is_contiguous() && dprobs.sizes() == probs.sizes(), "causal_softmax_backward: shapes differ");
+  const int64_t rows = probs.size(0) * probs.size(1), T = probs.size(2), R = probs.size(1);
+  const float scale = float(scale_in);
+  Tensor dscores = at::empty_like(probs);
+  by_type(probs, [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_ *p = raw<T_>(probs), *g = raw<T_>(dprobs);
+    T_* dst = raw<T_>(dscores);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T_ *pr = p + r * T, *gr = g + r * T;
+        T_* out = dst + r * T;
+        const int64_t n = r % R % T + 1;
+        float dot = 0.f;
+        int64_t j = 0;
+#if defined(NANOMOE_AVX512)
+        __m512 acc = _mm512_setzero_ps();
+        for (; j < n; j += 16) {
+          const __mmask16 m = tail_mask(n - j);
+          acc = _mm512_fmadd_ps(load16(pr + j, m), load16(gr + j, m), acc);
+        }
+        dot = _mm512_reduce_add_ps(acc);
+        const __m512 dv = _mm512_set1_ps(dot), sv = _mm512_set1_ps(scale);
+        for (j = 0; j < n; j += 16) {
+          const __mmask16 m = tail_mask(n - j);
+          store16(out + j, _mm512_mul_ps(sv, _mm512_mul_ps(load16(pr + j, m), _mm512_sub_ps(load16(gr + j, m), dv))), m);
+        }
+#else
+        for (; j < n; ++j) dot += load(pr, j) * load(gr, j);
+        for (j = 0; j < n; ++j) store(out, j, scale * load(pr, j) * (load(gr, j) - dot));
+#endif
+        for (j = n; j < T; ++j) store(out, j, 0.f);
+      }
+    });
+  });
+  return dscores;
+}
+
+// ---------------------------------------------------------------------------------------------
 // RMSNorm
 
 template <typename T>
@@ -388,6 +485,8 @@ __attribute__((visibility("hidden"))) void register_fused_ops(pybind11::module& 
   m.def("cross_entropy_forward", &cross_entropy_forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cross_entropy_backward", &cross_entropy_backward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rope", &rope, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("causal_softmax", &causal_softmax, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("causal_softmax_backward", &causal_softmax_backward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm_forward", &rms_norm_forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm_backward", &rms_norm_backward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("swiglu", &swiglu, pybind11::call_guard<pybind11::gil_scoped_release>());
