@@ -36,9 +36,10 @@ class ModelOutput:
 # Building blocks
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, feeds_matmul: bool = False) -> nn.Module:
+    """feeds_matmul: the output is only read by matrix products (not by an fp32 router)."""
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, eps=config.norm_eps)
+        return RMSNorm(config.n_embd, eps=config.norm_eps, feeds_matmul=feeds_matmul)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
@@ -165,10 +166,10 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = make_norm(config)
+        self.attn_norm = make_norm(config, feeds_matmul=True)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ffn_norm = make_norm(config)
         self.is_moe = config.is_moe_layer(layer_idx)
+        self.ffn_norm = make_norm(config, feeds_matmul=not self.is_moe)  # the router reads it in fp32
         if self.is_moe:
             shared = None
             if config.n_shared_experts > 0:
@@ -201,7 +202,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.final_norm = make_norm(config)
+        self.final_norm = make_norm(config, feeds_matmul=True)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

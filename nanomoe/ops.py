@@ -50,8 +50,8 @@ class _NativeRMSNorm(torch.autograd.Function):
     """_RMSNorm's math as two native passes (csrc/fused_ops.cpp)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, module):
-        y, rstd = module.rms_norm_forward(x, weight, eps)
+    def forward(ctx, x, weight, eps, bf16_out, module):
+        y, rstd = module.rms_norm_forward(x, weight, eps, bf16_out)
         ctx.save_for_backward(x, weight, rstd)
         ctx.module = module
         return y
@@ -60,28 +60,36 @@ class _NativeRMSNorm(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, rstd = ctx.saved_tensors
         grad_x, grad_weight = ctx.module.rms_norm_backward(grad_y, x, weight, rstd)
-        return grad_x, grad_weight.to(weight.dtype), None, None
+        return grad_x, grad_weight.to(weight.dtype), None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm in at least fp32; the result in x's dtype, or in `out_dtype`."""
+    out_dtype = out_dtype or x.dtype
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        if (module := _native_ops(x, weight)) is not None:
-            return _NativeRMSNorm.apply(x, weight, eps, module)
-        return _RMSNorm.apply(x, weight, eps)
+        if out_dtype in (x.dtype, torch.bfloat16) and (module := _native_ops(x, weight)) is not None:
+            return _NativeRMSNorm.apply(x, weight, eps, out_dtype != x.dtype, module)
+        return _RMSNorm.apply(x, weight, eps).to(out_dtype)
     # inference: torch's fused kernel, in fp32 like the training path
-    return F.rms_norm(_upcast(x), (x.shape[-1],), _upcast(weight), eps).to(x.dtype)
+    return F.rms_norm(_upcast(x), (x.shape[-1],), _upcast(weight), eps).to(out_dtype)
 
 
 class RMSNorm(torch.nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), the norm of Llama and Mixtral."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, feeds_matmul: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(dim))
+        # Only read by matrix products (attention/FFN input, LM head): under autocast the output is
+        # produced in the autocast dtype, the cast the product would make anyway, without its pass.
+        self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        out_dtype = None
+        if self.feeds_matmul and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return rms_norm(x, self.weight, self.eps, out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

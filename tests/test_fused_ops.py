@@ -279,3 +279,29 @@ def test_causal_softmax_keeps_a_nan(module, monkeypatch):
     k[0, 0, 0] = float("nan")
     probs = ops.causal_attention_probs(q, k, 0.5)
     assert torch.isnan(probs[0, :, 0]).all() and torch.isnan(probs[0, 2, :3]).all()
+
+
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_a_norm_feeding_a_matmul_hands_it_bf16_under_autocast(module, monkeypatch, native_kernels):
+    """Under autocast a norm read only by matrix products yields the bf16 they would cast it to, and
+    takes their bf16 gradient as it is: the same numbers as an fp32 norm followed by the cast."""
+    from nanomoe.ops import RMSNorm
+
+    use(monkeypatch, module if native_kernels else None)
+    torch.manual_seed(0)
+    norm, plain = RMSNorm(64, feeds_matmul=True), RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        plain.weight.copy_(norm.weight)
+    x = torch.randn(3, 10, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(3, 10, 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_plain = norm(x), plain(x2)
+    assert y.dtype == torch.bfloat16 and y_plain.dtype == torch.float32
+    assert torch.equal(y, y_plain.bfloat16())
+    y.backward(grad_out)
+    y_plain.backward(grad_out.float())
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(norm.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
+    assert norm(x).dtype == torch.float32  # no autocast: x's dtype

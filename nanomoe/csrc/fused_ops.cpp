@@ -51,6 +51,12 @@ void by_type(const Tensor& t, F&& f) {
   }
 }
 
+// f(a tag, b tag) for the element types of two fp32/bf16 tensors
+template <typename F>
+void by_types(const Tensor& a, const Tensor& b, F&& f) {
+  by_type(a, [&](auto ta) { by_type(b, [&](auto tb) { f(ta, tb); }); });
+}
+
 // ---------------------------------------------------------------------------------------------
 // cross entropy
 
@@ -336,24 +342,27 @@ float sum_squares(const T* x, int64_t D) {
   return total;
 }
 
-// x (N, D) fp32 or bf16, weight (D) fp32 or bf16 -> y = x * rstd * weight in x's dtype, rstd (N) fp32
-// with rstd = 1 / sqrt(mean(x^2) + eps): the math of ops._RMSNorm, in fp32.
-std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x_in, const Tensor& weight_in, double eps) {
+// x (N, D) fp32 or bf16, weight (D) fp32 or bf16 -> y = x * rstd * weight, rstd (N) fp32 with
+// rstd = 1 / sqrt(mean(x^2) + eps): the math of ops._RMSNorm, in fp32. y in x's dtype, or in bf16
+// with bf16_out (a norm feeding a bf16 matrix product under autocast: the cast it would get there).
+std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x_in, const Tensor& weight_in, double eps, bool bf16_out) {
   check_float(x_in, "rms_norm");
   const Tensor x = x_in.contiguous(), w = weight_in.to(at::kFloat).contiguous();
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
   TORCH_CHECK(w.numel() == D, "rms_norm: weight must have the last dimension's size");
-  Tensor y = at::empty_like(x), rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  Tensor y = at::empty_like(x, bf16_out ? x.options().dtype(at::kBFloat16) : x.options());
+  Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
   const float* wp = w.data_ptr<float>();
   float* rs = rstd.data_ptr<float>();
-  by_type(x, [&](auto tag) {
+  by_types(x, y, [&](auto tag, auto out_tag) {
     using T = decltype(tag);
+    using O = decltype(out_tag);
     const T* src = raw<T>(x);
-    T* dst = raw<T>(y);
+    O* dst = raw<O>(y);
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const T* row = src + n * D;
-        T* out = dst + n * D;
+        O* out = dst + n * D;
         const float r = 1.f / std::sqrt(sum_squares(row, D) / float(D) + float(eps));
         rs[n] = r;
         int64_t i = 0;
@@ -371,12 +380,13 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x_in, const Tensor& we
   return {y, rstd};
 }
 
-// From dy: dx = rstd (dy w - xhat mean(dy w xhat)) with xhat = x rstd, in x's dtype; dw = sum over
-// rows of dy xhat in fp32. Rows go in fixed blocks whose partial dw are added in block order, so
+// From dy (x's dtype or bf16): dx = rstd (dy w - xhat mean(dy w xhat)) with xhat = x rstd, in x's
+// dtype; dw = sum over rows of dy xhat in fp32. Rows go in fixed blocks whose partial dw are added in block order, so
 // the result does not depend on the number of threads.
 std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy_in, const Tensor& x_in, const Tensor& weight_in,
                                              const Tensor& rstd) {
-  const Tensor x = x_in.contiguous(), dy = dy_in.to(x.scalar_type()).contiguous();
+  const Tensor x = x_in.contiguous();
+  const Tensor dy = (dy_in.scalar_type() == at::kBFloat16 ? dy_in : dy_in.to(x.scalar_type())).contiguous();
   const Tensor w = weight_in.to(at::kFloat).contiguous();
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
   TORCH_CHECK(dy.numel() == N * D && rstd.numel() == N && rstd.scalar_type() == at::kFloat,
@@ -386,15 +396,18 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy_in, const Tensor& 
   Tensor dx = at::empty_like(x), partial = at::zeros({std::max<int64_t>(blocks, 1), D}, rstd.options());
   const float *wp = w.data_ptr<float>(), *rs = rstd.data_ptr<float>();
   float* part = partial.data_ptr<float>();
-  by_type(x, [&](auto tag) {
+  by_types(x, dy, [&](auto tag, auto grad_tag) {
     using T = decltype(tag);
-    const T *src = raw<T>(x), *g = raw<T>(dy);
+    using G = decltype(grad_tag);
+    const T* src = raw<T>(x);
+    const G* g = raw<G>(dy);
     T* dst = raw<T>(dx);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float* dw = part + b * D;
         for (int64_t n = b * kBlock; n < std::min(N, (b + 1) * kBlock); ++n) {
-          const T *row = src + n * D, *grow = g + n * D;
+          const T* row = src + n * D;
+          const G* grow = g + n * D;
           const float r = rs[n];
           float dot = 0.f;
           int64_t i = 0;
