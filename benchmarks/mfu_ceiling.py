@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from collections import Counter
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from profile_train_step import profile_train_steps  # the script beside this one
 
 from nanomoe.bench.timing import time_interleaved
-from nanomoe.bench.train import make_trainer, measure_peak
-from nanomoe.data import builtin_corpus_dir
-from nanomoe.malloc import keep_freed_memory
+from nanomoe.bench.train import measure_peak
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
@@ -74,17 +71,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    keep_freed_memory()
-    opts = argparse.Namespace(set=[], batch_size=args.batch_size, grad_accum=1, seq_len=0, precision=args.precision,
-                              compile=False, device="cpu", activation_checkpointing=False)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(args.preset, opts, builtin_corpus_dir(), f"{tmp}/run")
-        for _ in range(args.warmup):
-            trainer.train_step()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for _ in range(args.steps):
-                trainer.train_step()
+    prof, trainer = profile_train_steps(args.preset, args.precision, args.batch_size, args.warmup, args.steps)
     calls = product_shapes(prof.key_averages(group_by_input_shape=True))
     tokens = trainer.sequences_per_step * trainer.seq_len
     threads = torch.get_num_threads()

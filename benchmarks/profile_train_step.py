@@ -22,6 +22,22 @@ from nanomoe.malloc import keep_freed_memory
 FFN_SHAPES_HINT = "products whose row count is a whole batch (B*T) are attention/LM-head; the rest are per-expert"
 
 
+def profile_train_steps(preset: str, precision: str, batch_size: int, warmup: int, steps: int):
+    """torch.profiler (with shapes) over `steps` real Trainer.train_step calls of `preset` on the
+    built-in corpus, after `warmup` of them. Returns the profile and the trainer."""
+    keep_freed_memory()  # as `nanomoe train` does
+    opts = argparse.Namespace(set=[], batch_size=batch_size, grad_accum=1, seq_len=0, precision=precision,
+                              compile=False, device="cpu", activation_checkpointing=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(preset, opts, builtin_corpus_dir(), f"{tmp}/run")
+        for _ in range(warmup):
+            trainer.train_step()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(steps):
+                trainer.train_step()
+    return prof, trainer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-moe")
@@ -32,16 +48,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=22, help="ops to list")
     args = parser.parse_args()
 
-    keep_freed_memory()  # as `nanomoe train` does
-    opts = argparse.Namespace(set=[], batch_size=args.batch_size, grad_accum=1, seq_len=0, precision=args.precision,
-                              compile=False, device="cpu", activation_checkpointing=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(args.preset, opts, builtin_corpus_dir(), f"{tmp}/run")
-        for _ in range(args.warmup):
-            trainer.train_step()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for _ in range(args.steps):
-                trainer.train_step()
+    prof, trainer = profile_train_steps(args.preset, args.precision, args.batch_size, args.warmup, args.steps)
     tokens = trainer.sequences_per_step * trainer.seq_len
 
     print(f"{args.preset}, {args.precision}, {tokens} tokens per step, {torch.get_num_threads()} threads; "

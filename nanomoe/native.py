@@ -30,7 +30,7 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "module.cpp", CSRC / "decode_step.cpp", CSRC / "experts.cpp", CSRC / "fused_ops.cpp"]
-HEADERS = [CSRC / "simd.h"]
+HEADERS = [CSRC / "simd.h", CSRC / "tensor_types.h"]
 
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragmas only take effect when the
 # extension itself is built with OpenMP; it then shares torch's libgomp (same soname, loaded first).

@@ -13,11 +13,8 @@ from nanomoe.presets import get_preset
 
 
 @pytest.fixture(scope="module")
-def module():
-    m = native.fused_ops_module()
-    if m is None:
-        pytest.skip(f"the native kernels did not build: {native._build_error}")
-    return m
+def module(native_extension):
+    return native_extension
 
 
 def use(monkeypatch, kernels):

@@ -13,11 +13,8 @@ from nanomoe.moe import MoEFeedForward
 
 
 @pytest.fixture(scope="module")
-def module():
-    m = native.experts_module()
-    if m is None:
-        pytest.skip(f"the native kernels did not build: {native._build_error}")
-    return m
+def module(native_extension):
+    return native_extension
 
 
 def run_layer(monkeypatch, kernels, ffn, bias, dtype, capacity_factor=0.0, tokens=100, n_experts=8):

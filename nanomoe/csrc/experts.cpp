@@ -23,11 +23,13 @@
 #include <vector>
 
 #include "simd.h"
+#include "tensor_types.h"
 
 namespace {
 
 using at::Tensor;
 using namespace nanomoe_simd;
+using namespace nanomoe_types;
 
 enum Activation { RELU = 0, GELU = 1, SWIGLU = 2 };
 
@@ -90,28 +92,6 @@ void swiglu_backward_rows(const Tensor& da, const Tensor& g, const Tensor& u, co
 
 bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
 
-// fp32 or bf16 (raw bits) data of a tensor, by the element type the templates use
-template <typename T>
-T* data(const Tensor& t) {
-  if constexpr (std::is_same_v<T, float>) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "experts: expected float32, got ", t.scalar_type());
-    return t.data_ptr<float>();
-  } else {
-    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "experts: expected bfloat16, got ", t.scalar_type());
-    return reinterpret_cast<uint16_t*>(t.data_ptr());
-  }
-}
-
-// f(float{}) for float32 tensors, f(uint16_t{}) for bfloat16 ones
-template <typename F>
-void by_type(const Tensor& t, F&& f) {
-  if (t.scalar_type() == at::kFloat) {
-    f(float{});
-  } else {
-    f(uint16_t{});
-  }
-}
-
 // out[n] = sum_k gate[k, n] * src[row[k, n]] (gate null: weights 1), accumulated in fp32, rounded
 // once: the combine (expert outputs back to tokens) and the gradient's way back to the tokens.
 template <typename T, typename O>
@@ -170,17 +150,7 @@ void gate_grads(const T* y, const T* dout, const int64_t* row, float* dgate, int
         const int64_t i = k * N + n;
         const T* yr = y + row[i] * D;
         const T* g = dout + n * D;
-        float total = 0.f;
-        int64_t d = 0;
-#if defined(NANOMOE_AVX512)
-        __m512 acc = _mm512_setzero_ps();
-        for (; d < D; d += 16) {
-          const __mmask16 m = tail_mask(D - d);
-          acc = _mm512_fmadd_ps(load16(yr + d, m), load16(g + d, m), acc);
-        }
-        total = _mm512_reduce_add_ps(acc);
-#endif
-        for (; d < D; ++d) total += load(yr, d) * load(g, d);
+        const float total = dot_product(yr, g, D);
         dgate[i] = total;
       }
     }

@@ -25,36 +25,17 @@
 #include <vector>
 
 #include "simd.h"
+#include "tensor_types.h"
 
 namespace {
 
 using at::Tensor;
 using namespace nanomoe_simd;
+using namespace nanomoe_types;
 
 void check_float(const Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what,
               ": float32 or bfloat16 tensors only, got ", t.scalar_type());
-}
-
-template <typename T>
-T* raw(const Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-
-// f(float{}) for float32 tensors, f(uint16_t{}) for bfloat16 ones
-template <typename F>
-void by_type(const Tensor& t, F&& f) {
-  if (t.scalar_type() == at::kFloat) {
-    f(float{});
-  } else {
-    f(uint16_t{});
-  }
-}
-
-// f(a tag, b tag) for the element types of two fp32/bf16 tensors
-template <typename F>
-void by_types(const Tensor& a, const Tensor& b, F&& f) {
-  by_type(a, [&](auto ta) { by_type(b, [&](auto tb) { f(ta, tb); }); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,7 +100,7 @@ std::tuple<Tensor, Tensor> cross_entropy_forward(const Tensor& logits_in, const 
   float *ls = loss.data_ptr<float>(), *z = lse.data_ptr<float>();
   by_type(logits, [&](auto tag) {
     using T = decltype(tag);
-    const T* x = raw<T>(logits);
+    const T* x = data<T>(logits);
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const T* row = x + n * V;
@@ -146,8 +127,8 @@ Tensor cross_entropy_backward(const Tensor& logits_in, const Tensor& targets_in,
   const float* z = lse.data_ptr<float>();
   by_type(logits, [&](auto tag) {
     using T = decltype(tag);
-    const T* x = raw<T>(logits);
-    T* g = raw<T>(grad);
+    const T* x = data<T>(logits);
+    T* g = data<T>(grad);
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const T* row = x + n * V;
@@ -196,8 +177,8 @@ Tensor rope(const Tensor& x, const Tensor& cos_in, const Tensor& sin_in, bool in
   const int64_t first_sin = inverse ? half : 0, second_sin = inverse ? 0 : half;
   by_type(x, [&](auto tag) {
     using T_ = decltype(tag);
-    const T_* src = raw<T_>(x);
-    T_* dst = raw<T_>(out);
+    const T_* src = data<T_>(x);
+    T_* dst = data<T_>(out);
     at::parallel_for(0, B * T, 8, [&](int64_t begin, int64_t end) {
       for (int64_t bt = begin; bt < end; ++bt) {
         const int64_t b = bt / T, t = bt % T;
@@ -246,8 +227,8 @@ Tensor causal_softmax(const Tensor& scores_in, double scale_in) {
   Tensor probs = at::empty_like(scores);
   by_type(scores, [&](auto tag) {
     using T_ = decltype(tag);
-    const T_* src = raw<T_>(scores);
-    T_* dst = raw<T_>(probs);
+    const T_* src = data<T_>(scores);
+    T_* dst = data<T_>(probs);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> e(T);
       for (int64_t r = begin; r < end; ++r) {
@@ -291,31 +272,23 @@ Tensor causal_softmax_backward(const Tensor& dprobs_in, const Tensor& probs, dou
   Tensor dscores = at::empty_like(probs);
   by_type(probs, [&](auto tag) {
     using T_ = decltype(tag);
-    const T_ *p = raw<T_>(probs), *g = raw<T_>(dprobs);
-    T_* dst = raw<T_>(dscores);
+    const T_ *p = data<T_>(probs), *g = data<T_>(dprobs);
+    T_* dst = data<T_>(dscores);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T_ *pr = p + r * T, *gr = g + r * T;
         T_* out = dst + r * T;
         const int64_t n = r % R % T + 1;
-        float dot = 0.f;
+        const float dot = dot_product(pr, gr, n);
         int64_t j = 0;
 #if defined(NANOMOE_AVX512)
-        __m512 acc = _mm512_setzero_ps();
-        for (; j < n; j += 16) {
-          const __mmask16 m = tail_mask(n - j);
-          acc = _mm512_fmadd_ps(load16(pr + j, m), load16(gr + j, m), acc);
-        }
-        dot = _mm512_reduce_add_ps(acc);
         const __m512 dv = _mm512_set1_ps(dot), sv = _mm512_set1_ps(scale);
-        for (j = 0; j < n; j += 16) {
+        for (; j < n; j += 16) {
           const __mmask16 m = tail_mask(n - j);
           store16(out + j, _mm512_mul_ps(sv, _mm512_mul_ps(load16(pr + j, m), _mm512_sub_ps(load16(gr + j, m), dv))), m);
         }
-#else
-        for (; j < n; ++j) dot += load(pr, j) * load(gr, j);
-        for (j = 0; j < n; ++j) store(out, j, scale * load(pr, j) * (load(gr, j) - dot));
 #endif
+        for (; j < n; ++j) store(out, j, scale * load(pr, j) * (load(gr, j) - dot));
         for (j = n; j < T; ++j) store(out, j, 0.f);
       }
     });
@@ -325,22 +298,6 @@ Tensor causal_softmax_backward(const Tensor& dprobs_in, const Tensor& probs, dou
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
-
-template <typename T>
-float sum_squares(const T* x, int64_t D) {
-  float total = 0.f;
-  int64_t i = 0;
-#if defined(NANOMOE_AVX512)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= D; i += 16) {
-    const __m512 v = load16(x + i, 0xffff);
-    acc = _mm512_fmadd_ps(v, v, acc);
-  }
-  total = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < D; ++i) total += load(x, i) * load(x, i);
-  return total;
-}
 
 // x (N, D) fp32 or bf16, weight (D) fp32 or bf16 -> y = x * rstd * weight, rstd (N) fp32 with
 // rstd = 1 / sqrt(mean(x^2) + eps): the math of ops._RMSNorm, in fp32. y in x's dtype, or in bf16
@@ -357,13 +314,13 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x_in, const Tensor& we
   by_types(x, y, [&](auto tag, auto out_tag) {
     using T = decltype(tag);
     using O = decltype(out_tag);
-    const T* src = raw<T>(x);
-    O* dst = raw<O>(y);
+    const T* src = data<T>(x);
+    O* dst = data<O>(y);
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const T* row = src + n * D;
         O* out = dst + n * D;
-        const float r = 1.f / std::sqrt(sum_squares(row, D) / float(D) + float(eps));
+        const float r = 1.f / std::sqrt(dot_product(row, row, D) / float(D) + float(eps));
         rs[n] = r;
         int64_t i = 0;
 #if defined(NANOMOE_AVX512)
@@ -399,9 +356,9 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy_in, const Tensor& 
   by_types(x, dy, [&](auto tag, auto grad_tag) {
     using T = decltype(tag);
     using G = decltype(grad_tag);
-    const T* src = raw<T>(x);
-    const G* g = raw<G>(dy);
-    T* dst = raw<T>(dx);
+    const T* src = data<T>(x);
+    const G* g = data<G>(dy);
+    T* dst = data<T>(dx);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float* dw = part + b * D;
@@ -463,8 +420,8 @@ Tensor swiglu(const Tensor& h_in) {
   Tensor a = at::empty(sizes, h.options());
   by_type(h, [&](auto tag) {
     using T = decltype(tag);
-    const T* src = raw<T>(h);
-    T* dst = raw<T>(a);
+    const T* src = data<T>(h);
+    T* dst = data<T>(a);
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) swiglu_forward(src + n * 2 * H, src + n * 2 * H + H, dst + n * H, H);
     });
@@ -480,8 +437,8 @@ Tensor swiglu_backward_rows(const Tensor& da_in, const Tensor& h_in) {
   Tensor dh = at::empty_like(h);
   by_type(h, [&](auto tag) {
     using T = decltype(tag);
-    const T *src = raw<T>(h), *g = raw<T>(da);
-    T* dst = raw<T>(dh);
+    const T *src = data<T>(h), *g = data<T>(da);
+    T* dst = data<T>(dh);
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const T* row = src + n * 2 * H;

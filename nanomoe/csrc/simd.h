@@ -80,6 +80,23 @@ inline void store16(uint16_t* p, __m512 v, __mmask16 m) {  // rounded as float_t
 }
 #endif
 
+// sum_i a[i] b[i] over fp32 or bf16 arrays, accumulated in fp32
+template <typename A, typename B>
+float dot_product(const A* a, const B* b, int64_t n) {
+  float total = 0.f;
+  int64_t i = 0;
+#if defined(NANOMOE_AVX512)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    acc = _mm512_fmadd_ps(load16(a + i, m), load16(b + i, m), acc);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) total += load(a, i) * load(b, i);
+  return total;
+}
+
 // a = silu(g) * u = g / (1 + e^-g) * u over n elements, in fp32, rounded once.
 template <typename T>
 void swiglu_forward(const T* g, const T* u, T* a, int64_t n) {
