@@ -57,6 +57,7 @@ class _NativeRMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a native call: not itself differentiable
     def backward(ctx, grad_y):
         x, weight, rstd = ctx.saved_tensors
         grad_x, grad_weight = ctx.module.rms_norm_backward(grad_y, x, weight, rstd)
@@ -82,12 +83,13 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(dim))
         # Only read by matrix products (attention/FFN input, LM head): under autocast the output is
-        # produced in the autocast dtype, the cast the product would make anyway, without its pass.
+        # produced in the autocast dtype, the cast the product would make anyway, without its pass
+        # (autocast leaves float64 alone, and so does this).
         self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = None
-        if self.feeds_matmul and torch.is_autocast_enabled(x.device.type):
+        if self.feeds_matmul and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
             out_dtype = torch.get_autocast_dtype(x.device.type)
         return rms_norm(x, self.weight, self.eps, out_dtype)
 
@@ -119,6 +121,7 @@ class _CrossEntropySum(torch.autograd.Function):
         return loss_N.sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a native call: not itself differentiable
     def backward(ctx, grad):
         logits_NV, targets_N, lse_N = ctx.saved_tensors
         return ctx.module.cross_entropy_backward(logits_NV, targets_N, lse_N, grad, ctx.ignore_index), None, None, None
@@ -141,6 +144,7 @@ class _Rope(torch.autograd.Function):
         return module.rope(x, cos_Td, sin_Td, False)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a native call: not itself differentiable
     def backward(ctx, grad):
         cos_Td, sin_Td = ctx.saved_tensors
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
@@ -170,6 +174,7 @@ class _CausalSoftmax(torch.autograd.Function):
         return probs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a native call: not itself differentiable
     def backward(ctx, grad):
         (probs,) = ctx.saved_tensors
         return ctx.module.causal_softmax_backward(grad, probs, ctx.scale), None, None
@@ -179,9 +184,12 @@ def causal_attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> to
     """softmax(scale * q k^T) over the keys j <= the query's position, zeros for later keys, for q
     (batch, G*T, d) (row r: the query at position r % T) and k (batch, T, d); None where the
     native kernel does not apply (the caller then masks and uses torch.softmax)."""
-    if (module := _native_ops(q, k)) is None:
+    if _native_ops(q, k) is None:
         return None
-    return _CausalSoftmax.apply(torch.bmm(q, k.transpose(1, 2)), scale, module)
+    scores = torch.bmm(q, k.transpose(1, 2))
+    if (module := _native_ops(scores)) is None:  # an fp16 autocast made the scores half precision
+        return None
+    return _CausalSoftmax.apply(scores, scale, module)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -192,6 +200,7 @@ class _SwiGLU(torch.autograd.Function):
         return module.swiglu(h)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a native call: not itself differentiable
     def backward(ctx, grad):
         (h,) = ctx.saved_tensors
         return ctx.module.swiglu_backward(grad, h), None

@@ -302,3 +302,30 @@ def test_a_norm_feeding_a_matmul_hands_it_bf16_under_autocast(module, monkeypatc
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(norm.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
     assert norm(x).dtype == torch.float32  # no autocast: x's dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# from review
+
+
+def test_double_backward_through_a_native_op_raises_instead_of_dropping_terms(module, monkeypatch):
+    use(monkeypatch, module)
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.ones(8, requires_grad=True)
+    y = ops.rms_norm(x, w, 1e-5)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert grad_x.requires_grad  # a gradient penalty built on it is not silently constant...
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # ...its backward says why it cannot run
+        (grad_x.square().sum() + y.sum()).backward()
+
+
+def test_fp16_autocast_scores_fall_back_to_torch(module):
+    """Under an fp16 autocast the scores are half precision, which the kernel does not take."""
+    from nanomoe.model import causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 8, 16).unbind(0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = causal_attention(q, k, v)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out.float(), expected, rtol=0.02, atol=0.02)

@@ -83,6 +83,19 @@ def test_clip_grad_norm_matches_torch_and_skips_the_no_op_multiply(max_norm, mon
         assert torch.nn.utils.get_total_norm([p.grad for p in ours[:2]]).item() == pytest.approx(max_norm, rel=1e-5)
 
 
+def test_a_clipping_factor_left_by_an_interrupted_step_is_not_reused():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([p], lr=1.0, fused=True)
+    p.grad = torch.full((4,), 10.0)
+    clip_grad_norm([p], 1.0, optimizer=opt)  # norm 20: a factor for the step...
+    assert hasattr(opt, "grad_scale")  # ...which never comes (the step raised, say)
+    p.grad = torch.full((4,), 0.1)
+    clip_grad_norm([p], 1.0, optimizer=opt)  # norm 0.2: nothing to clip
+    assert not hasattr(opt, "grad_scale")
+    opt.step()
+    assert torch.equal(p.grad, torch.full((4,), 0.1))
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])
 def test_clipping_inside_the_fused_adamw_step_equals_clipping_first(max_norm):
     def setup():

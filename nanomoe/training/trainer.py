@@ -143,6 +143,8 @@ def clip_grad_norm(parameters, max_norm: float, *, optimizer: torch.optim.Optimi
     """
     from ..distributed import full_value
 
+    if optimizer is not None:
+        clear_grad_scale(optimizer)  # a factor left by an interrupted step must not scale this one
     params = [p for p in parameters if p.grad is not None]
     total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # a DTensor under FSDP
     norm = full_value(total_norm)
@@ -409,8 +411,10 @@ class Trainer:
             clear_grad_scale(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.scaler.step(self.optimizer)
-        clear_grad_scale(self.optimizer)
+        try:
+            self.scaler.step(self.optimizer)
+        finally:
+            clear_grad_scale(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if routing_loads and self.model_config.router_bias_update_rate > 0:
