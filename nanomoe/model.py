@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .moe import GroupedExperts, MoEFeedForward, MoEStats, Router, ffn_activation
-from .ops import RMSNorm, apply_rope, causal_attention_probs, cross_entropy_sum
+from .ops import RMSNorm, apply_rope, attention_heads, causal_attention_probs, cross_entropy_sum
 
 IGNORE_INDEX = -100  # target value excluded from the loss (padding, or positions with no next token)
 
@@ -120,12 +120,16 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x_BTD.shape
         Hq, Hkv = self.n_head, self.n_kv_head
         qkv = self.qkv(x_BTD).view(B, T, Hq + 2 * Hkv, self.head_dim)
-        # split, not slicing: the backward of a split is one cat, of a slice zeros plus a copy
-        qk, v = qkv.split([Hq + Hkv, Hkv], dim=2)
-        if rope is not None:  # q and k heads rotated together: half the kernels of two calls
-            qk = apply_rope(qk, *rope)
-        q, k = qk.split([Hq, Hkv], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d)
+        heads = attention_heads(qkv, rope, Hq, Hkv) if kv_cache is None else None  # native: one pass
+        if heads is not None:
+            q, k, v = heads  # (B, H, T, d), contiguous
+        else:
+            # split, not slicing: the backward of a split is one cat, of a slice zeros plus a copy
+            qk, v = qkv.split([Hq + Hkv, Hkv], dim=2)
+            if rope is not None:  # q and k heads rotated together: half the kernels of two calls
+                qk = apply_rope(qk, *rope)
+            q, k = qk.split([Hq, Hkv], dim=2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d)
 
         mask, is_causal = None, True
         if kv_cache is not None:

@@ -165,6 +165,38 @@ def apply_rope(x: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> t
     return x * cos_Td + rotated * sin_Td
 
 
+class _QKVHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos_Td, sin_Td, n_q, n_kv, module):
+        heads = module.qkv_heads(qkv, cos_Td, sin_Td, n_q, n_kv)
+        ctx.save_for_backward(cos_Td, sin_Td)
+        ctx.module, ctx.shapes, ctx.dtype = module, [h.shape for h in heads], qkv.dtype
+        return heads
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # a native call: not itself differentiable
+    def backward(ctx, dq, dk, dv):
+        cos_Td, sin_Td = ctx.saved_tensors
+        grads = []
+        for g, shape in zip((dq, dk, dv), ctx.shapes):  # a head left unused gets no gradient: zeros
+            g = torch.zeros(shape, dtype=ctx.dtype) if g is None else g.to(ctx.dtype)
+            grads.append(g if g.stride(-1) == 1 else g.contiguous())
+        return ctx.module.qkv_heads_backward(*grads, cos_Td, sin_Td), None, None, None, None, None
+
+
+def attention_heads(qkv: torch.Tensor, rope, n_q: int, n_kv: int):
+    """q (B, n_q, T, d), k and v (B, n_kv, T, d), contiguous, q and k rotated by `rope` ((T, 1, d)
+    tables, or None), from a fused projection's output viewed as (B, T, n_q + 2 n_kv, d); None where
+    the native kernel does not apply (the caller then splits, rotates and transposes itself)."""
+    if rope is not None and not (rope[0].dim() == 3 and rope[0].shape[1] == 1 and rope[0].shape[0] == qkv.shape[1]):
+        return None  # per-row positions: tables (B, T, 1, d)
+    tables = (rope[0], rope[1]) if rope is not None else ()
+    if qkv.stride(-1) != 1 or (module := _native_ops(qkv, *tables)) is None:
+        return None
+    cos_Td, sin_Td = (rope[0][:, 0], rope[1][:, 0]) if rope is not None else (qkv.new_empty(0), qkv.new_empty(0))
+    return _QKVHeads.apply(qkv, cos_Td, sin_Td, n_q, n_kv, module)
+
+
 class _CausalSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, scale, module):

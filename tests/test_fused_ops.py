@@ -329,3 +329,40 @@ def test_fp16_autocast_scores_fall_back_to_torch(module):
         out = causal_attention(q, k, v)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out.float(), expected, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotate", [True, False])
+def test_attention_heads_match_split_rope_transpose(module, monkeypatch, dtype, rotate):
+    """q, k, v out of a fused projection (grouped-query: 4 query heads, 2 key/value heads), with
+    arbitrary tables, against split + rotate + transpose in float64; a head whose output is unused
+    (here v, when rotate is False) gets a zero gradient."""
+    torch.manual_seed(0)
+    B, T, n_q, n_kv, d = 2, 7, 4, 2, 24
+    qkv = torch.randn(B, T, n_q + 2 * n_kv, d, dtype=torch.float64).to(dtype).double()
+    cos, sin = torch.randn(T, 1, d), torch.randn(T, 1, d)
+
+    def reference(x):
+        qk, v = x.split([n_q + n_kv, n_kv], dim=2)
+        if rotate:
+            qk = rope_reference(qk, cos.double(), sin.double())
+        q, k = qk.split([n_q, n_kv], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    x_ref = qkv.clone().requires_grad_()
+    expected = reference(x_ref)
+    grads = [torch.randn_like(e).to(dtype).double() for e in expected]
+    used = [0, 1, 2] if rotate else [0, 1]
+    torch.autograd.backward([expected[i] for i in used], [grads[i] for i in used])
+
+    use(monkeypatch, module)
+    x = qkv.to(dtype).requires_grad_()
+    got = ops.attention_heads(x, (cos, sin) if rotate else None, n_q, n_kv)
+    assert got is not None and all(g.is_contiguous() and g.dtype == dtype for g in got)
+    torch.autograd.backward([got[i] for i in used], [grads[i].to(dtype) for i in used])
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-8
+    for g, e in zip(got, expected):
+        assert (g.double() - e).abs().max() <= tolerance * e.abs().max()
+    assert (x.grad.double() - x_ref.grad).abs().max() <= tolerance * x_ref.grad.abs().max()
+    if not rotate:
+        assert x.grad[:, :, n_q + n_kv :].abs().max() == 0

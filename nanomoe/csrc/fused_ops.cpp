@@ -6,7 +6,9 @@
 //   (fp32 copy of the logits, log_softmax, its saved (N, V) output, a zero-filled gradient, the
 //   log_softmax backward, the cast back) moves ~6x the bytes: ~35 ms of a 0.35 s tiny-model step.
 // - rotary embeddings: out = x cos + rotate_half(x) sin per row, in fp32 with one rounding, and the
-//   inverse rotation for the backward (the Python version is 5 kernels each way, with a cat).
+//   inverse rotation for the backward (the Python version is 5 kernels each way, with a cat); and
+//   the attention heads out of the fused qkv projection (split, rotation, transpose to (B, H, T, d))
+//   as one pass each way.
 // - causal softmax of attention scores: scale, mask and softmax in one pass over the rows' visible
 //   half (the masked half is written as zeros, never exponentiated), and its backward likewise;
 //   PyTorch adds a (T, T) mask to the scores, then runs softmax over every entry.
@@ -157,6 +159,66 @@ Tensor cross_entropy_backward(const Tensor& logits_in, const Tensor& targets_in,
 // ---------------------------------------------------------------------------------------------
 // rotary embeddings
 
+// One row of d = 2h values: out[i] = x[i] cos[i] - x[i+h] s1[i], out[i+h] = x[i+h] cos[i+h] + x[i] s2[i]
+// (s1, s2 the sines times `sign`; see rope below), or a plain copy without tables (c null).
+template <typename T>
+void rotate_row(const T* in, T* o, const float* c, const float* s1p, const float* s2p, int64_t half, float sign) {
+  int64_t i = 0;
+  if (c == nullptr) {
+#if defined(NANOMOE_AVX512)
+    for (; i < 2 * half; i += 16) {
+      const __mmask16 m = tail_mask(2 * half - i);
+      store16(o + i, load16(in + i, m), m);
+    }
+#endif
+    for (; i < 2 * half; ++i) o[i] = in[i];
+    return;
+  }
+#if defined(NANOMOE_AVX512)
+  const __m512 sg = _mm512_set1_ps(sign);
+  for (; i < half; i += 16) {
+    const __mmask16 m = tail_mask(half - i);
+    const __m512 x1 = load16(in + i, m), x2 = load16(in + half + i, m);
+    const __m512 s1 = _mm512_mul_ps(sg, _mm512_maskz_loadu_ps(m, s1p + i));
+    const __m512 s2 = _mm512_mul_ps(sg, _mm512_maskz_loadu_ps(m, s2p + i));
+    store16(o + i, _mm512_fnmadd_ps(x2, s1, _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, c + i))), m);
+    store16(o + half + i, _mm512_fmadd_ps(x1, s2, _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, c + half + i))), m);
+  }
+#endif
+  for (; i < half; ++i) {
+    const float x1 = load(in, i), x2 = load(in, half + i);
+    store(o, i, x1 * c[i] - x2 * (sign * s1p[i]));
+    store(o, half + i, x2 * c[half + i] + x1 * (sign * s2p[i]));
+  }
+}
+
+// The tables of one position: cos, and the two sines of rotate_row. The transpose of the rotation
+// (inverse, for the backward) has negated sines, each half taking the other half's.
+struct RopeTables {
+  const float *cs = nullptr, *sn = nullptr;
+  int64_t d = 0, half = 0;
+  bool inverse = false;
+  float sign() const { return inverse ? -1.f : 1.f; }
+  const float* c(int64_t t) const { return cs ? cs + t * d : nullptr; }
+  const float* s1(int64_t t) const { return sn ? sn + t * d + (inverse ? half : 0) : nullptr; }
+  const float* s2(int64_t t) const { return sn ? sn + t * d + (inverse ? 0 : half) : nullptr; }
+};
+
+// cos/sin (T, d) as fp32 (kept alive in `keep`), or no tables when both are undefined
+RopeTables rope_tables(const Tensor& cos_in, const Tensor& sin_in, int64_t T, int64_t d, bool inverse,
+                       std::vector<Tensor>& keep) {
+  RopeTables tables;
+  tables.d = d;
+  tables.half = d / 2;
+  tables.inverse = inverse;
+  if (!cos_in.defined() || cos_in.numel() == 0) return tables;
+  keep = {cos_in.to(at::kFloat).contiguous(), sin_in.to(at::kFloat).contiguous()};
+  TORCH_CHECK(keep[0].numel() == T * d && keep[1].numel() == T * d, "rope: cos and sin must be (T, d)");
+  tables.cs = keep[0].data_ptr<float>();
+  tables.sn = keep[1].data_ptr<float>();
+  return tables;
+}
+
 // x (B, T, H, d) with a contiguous last dim (any other strides: the q|k part of a fused qkv output),
 // cos/sin (T, d) fp32. out (B, T, H, d) contiguous, x's dtype:
 //   out[i] = x[i] cos[i] - x[i+h] sin[i],  out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h]   (h = d/2)
@@ -166,15 +228,12 @@ Tensor rope(const Tensor& x, const Tensor& cos_in, const Tensor& sin_in, bool in
   check_float(x, "rope");
   TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, "rope: x must be (B, T, H, d), d even, "
               "with a contiguous last dimension");
-  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), d = x.size(3), half = d / 2;
-  const Tensor cos_t = cos_in.to(at::kFloat).contiguous(), sin_t = sin_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(cos_t.numel() == T * d && sin_t.numel() == T * d, "rope: cos and sin must be (T, d)");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), d = x.size(3);
+  std::vector<Tensor> keep;
+  const RopeTables tab = rope_tables(cos_in, sin_in, T, d, inverse, keep);
+  TORCH_CHECK(tab.cs != nullptr, "rope: cos and sin are required");
   Tensor out = at::empty({B, T, H, d}, x.options());
-  const float *cs = cos_t.data_ptr<float>(), *sn = sin_t.data_ptr<float>();
   const int64_t sb = x.stride(0), st = x.stride(1), sh = x.stride(2);
-  // the transpose of the rotation: negated sines, each half taking the other half's
-  const float sign = inverse ? -1.f : 1.f;
-  const int64_t first_sin = inverse ? half : 0, second_sin = inverse ? 0 : half;
   by_type(x, [&](auto tag) {
     using T_ = decltype(tag);
     const T_* src = data<T_>(x);
@@ -182,33 +241,96 @@ Tensor rope(const Tensor& x, const Tensor& cos_in, const Tensor& sin_in, bool in
     at::parallel_for(0, B * T, 8, [&](int64_t begin, int64_t end) {
       for (int64_t bt = begin; bt < end; ++bt) {
         const int64_t b = bt / T, t = bt % T;
-        const float *c = cs + t * d, *s1p = sn + t * d + first_sin, *s2p = sn + t * d + second_sin;
         for (int64_t h = 0; h < H; ++h) {
-          const T_* in = src + b * sb + t * st + h * sh;
-          T_* o = dst + (bt * H + h) * d;
-          int64_t i = 0;
-#if defined(NANOMOE_AVX512)
-          const __m512 sg = _mm512_set1_ps(sign);
-          for (; i < half; i += 16) {
-            const __mmask16 m = tail_mask(half - i);
-            const __m512 x1 = load16(in + i, m), x2 = load16(in + half + i, m);
-            const __m512 s1 = _mm512_mul_ps(sg, _mm512_maskz_loadu_ps(m, s1p + i));
-            const __m512 s2 = _mm512_mul_ps(sg, _mm512_maskz_loadu_ps(m, s2p + i));
-            store16(o + i, _mm512_fnmadd_ps(x2, s1, _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, c + i))), m);
-            store16(o + half + i, _mm512_fmadd_ps(x1, s2, _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, c + half + i))),
-                    m);
-          }
-#endif
-          for (; i < half; ++i) {
-            const float x1 = load(in, i), x2 = load(in, half + i);
-            store(o, i, x1 * c[i] - x2 * (sign * s1p[i]));
-            store(o, half + i, x2 * c[half + i] + x1 * (sign * s2p[i]));
-          }
+          rotate_row(src + b * sb + t * st + h * sh, dst + (bt * H + h) * d, tab.c(t), tab.s1(t), tab.s2(t), tab.half,
+                     tab.sign());
         }
       }
     });
   });
   return out;
+}
+
+// The attention heads out of a fused projection, in one pass: qkv (B, T, Hq + 2 Hkv, d) with a
+// contiguous last dim -> q (B, Hq, T, d), k (B, Hkv, T, d) rotated by cos/sin (T, d) (undefined:
+// no rotation) and v (B, Hkv, T, d), all contiguous: the layout the attention's batched products
+// read, where split + rope + transpose + reshape made three copies and a cat in the backward.
+std::tuple<Tensor, Tensor, Tensor> qkv_heads(const Tensor& qkv, const Tensor& cos_in, const Tensor& sin_in,
+                                             int64_t n_q, int64_t n_kv) {
+  check_float(qkv, "qkv_heads");
+  TORCH_CHECK(qkv.dim() == 4 && qkv.stride(3) == 1 && qkv.size(2) == n_q + 2 * n_kv && qkv.size(3) % 2 == 0,
+              "qkv_heads: qkv must be (B, T, n_q + 2 n_kv, d), d even, with a contiguous last dimension");
+  const int64_t B = qkv.size(0), T = qkv.size(1), d = qkv.size(3);
+  std::vector<Tensor> keep;
+  const RopeTables tab = rope_tables(cos_in, sin_in, T, d, false, keep);
+  Tensor q = at::empty({B, n_q, T, d}, qkv.options()), k = at::empty({B, n_kv, T, d}, qkv.options());
+  Tensor v = at::empty({B, n_kv, T, d}, qkv.options());
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1), sh = qkv.stride(2);
+  by_type(qkv, [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* src = data<T_>(qkv);
+    T_ *qp = data<T_>(q), *kp = data<T_>(k), *vp = data<T_>(v);
+    at::parallel_for(0, B * T, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t bt = begin; bt < end; ++bt) {
+        const int64_t b = bt / T, t = bt % T;
+        for (int64_t h = 0; h < n_q + 2 * n_kv; ++h) {
+          const T_* in = src + b * sb + t * st + h * sh;
+          if (h < n_q) {
+            rotate_row(in, qp + ((b * n_q + h) * T + t) * d, tab.c(t), tab.s1(t), tab.s2(t), tab.half, tab.sign());
+          } else if (h < n_q + n_kv) {
+            rotate_row(in, kp + ((b * n_kv + h - n_q) * T + t) * d, tab.c(t), tab.s1(t), tab.s2(t), tab.half,
+                       tab.sign());
+          } else {
+            rotate_row(in, vp + ((b * n_kv + h - n_q - n_kv) * T + t) * d, static_cast<const float*>(nullptr),
+                       nullptr, nullptr, tab.half, 1.f);
+          }
+        }
+      }
+    });
+  });
+  return {q, k, v};
+}
+
+// The backward of qkv_heads: dq (B, Hq, T, d), dk, dv (B, Hkv, T, d), each with a contiguous last
+// dim -> dqkv (B, T, Hq + 2 Hkv, d), the rotation's transpose applied to dq and dk.
+Tensor qkv_heads_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& cos_in,
+                          const Tensor& sin_in) {
+  const int64_t B = dq.size(0), n_q = dq.size(1), T = dq.size(2), d = dq.size(3), n_kv = dk.size(1);
+  TORCH_CHECK(dq.stride(3) == 1 && dk.stride(3) == 1 && dv.stride(3) == 1 && dk.sizes() == dv.sizes() &&
+                  dk.size(0) == B && dk.size(2) == T && dk.size(3) == d && dq.scalar_type() == dk.scalar_type() &&
+                  dq.scalar_type() == dv.scalar_type(),
+              "qkv_heads_backward: gradients of q, k and v disagree");
+  std::vector<Tensor> keep;
+  const RopeTables tab = rope_tables(cos_in, sin_in, T, d, true, keep);
+  const int64_t H = n_q + 2 * n_kv;
+  Tensor dqkv = at::empty({B, T, H, d}, dq.options());
+  by_type(dq, [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* base[3] = {data<T_>(dq), data<T_>(dk), data<T_>(dv)};
+    const Tensor* grads[3] = {&dq, &dk, &dv};
+    int64_t strides[3][3];
+    for (int w = 0; w < 3; ++w) {
+      for (int i = 0; i < 3; ++i) strides[w][i] = grads[w]->stride(i);
+    }
+    T_* dst = data<T_>(dqkv);
+    at::parallel_for(0, B * T, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t bt = begin; bt < end; ++bt) {
+        const int64_t b = bt / T, t = bt % T;
+        for (int64_t h = 0; h < H; ++h) {
+          const int which = h < n_q ? 0 : (h < n_q + n_kv ? 1 : 2);
+          const int64_t head = which == 0 ? h : (which == 1 ? h - n_q : h - n_q - n_kv);
+          const T_* in = base[which] + b * strides[which][0] + head * strides[which][1] + t * strides[which][2];
+          T_* o = dst + (bt * H + h) * d;
+          if (which < 2) {
+            rotate_row(in, o, tab.c(t), tab.s1(t), tab.s2(t), tab.half, tab.sign());
+          } else {
+            rotate_row(in, o, static_cast<const float*>(nullptr), nullptr, nullptr, tab.half, 1.f);
+          }
+        }
+      }
+    });
+  });
+  return dqkv;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,6 +577,8 @@ __attribute__((visibility("hidden"))) void register_fused_ops(pybind11::module& 
   m.def("cross_entropy_forward", &cross_entropy_forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cross_entropy_backward", &cross_entropy_backward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rope", &rope, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("qkv_heads", &qkv_heads, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("qkv_heads_backward", &qkv_heads_backward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("causal_softmax", &causal_softmax, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("causal_softmax_backward", &causal_softmax_backward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm_forward", &rms_norm_forward, pybind11::call_guard<pybind11::gil_scoped_release>());
