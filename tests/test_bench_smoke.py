@@ -3,6 +3,8 @@
 import importlib.util
 import json
 
+import pytest
+
 from nanomoe.cli import main
 
 
@@ -28,11 +30,16 @@ def test_bench_train_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
 
     data = prepare_data("builtin:0.15", tmp_path / "data", vocab_size=300, progress=False)
     monkeypatch.setattr(nanomoe.data, "builtin_corpus_dir", lambda: data)  # instead of the 10 MB default
-    argv = ["bench", "train", "--preset", "debug", "--dense-preset", "debug-dense", "--steps", "1", "--warmup", "0",
+    argv = ["bench", "train", "--preset", "debug", "--dense-preset", "debug-dense", "--steps", "3", "--warmup", "0",
             "--batch-size", "2", "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tokens_per_s"] > 0 and 0 < report["mfu"] and report["moe_over_dense_step_time"] > 0
+    # the step-by-step ratio pairs each MoE step with the dense step taken right after it
+    moe, dense = (report["models"][p]["step_seconds_each"] for p in ("debug", "debug-dense"))
+    assert len(moe) == len(dense) == 3
+    assert report["moe_over_dense_step_time_pairwise"] == pytest.approx(sorted(m / d for m, d in zip(moe, dense))[1])
+    assert report["models"]["debug"]["step_seconds"] == pytest.approx(sorted(moe)[1])
     # the peak is the best of the sizes measured, all reported
     assert report["peak_flops"] == max(report["peak_flops_by_size"].values())
     assert set(report["peak_flops_by_size"]) == {"1024", "2048", "4096"}
