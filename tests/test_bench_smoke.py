@@ -43,3 +43,27 @@ def test_bench_train_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
     # the peak is the best of the sizes measured, all reported
     assert report["peak_flops"] == max(report["peak_flops_by_size"].values())
     assert set(report["peak_flops_by_size"]) == {"1024", "2048", "4096"}
+
+
+def test_parameter_passes_script_reports_the_floor(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from nanomoe.data import prepare_data
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location("parameter_passes", root / "parameter_passes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = prepare_data("builtin:0.15", tmp_path / "data", vocab_size=300, progress=False)
+    monkeypatch.setattr(script, "builtin_corpus_dir", lambda: data)
+    monkeypatch.setattr("sys.argv", ["parameter_passes.py", "--moe-preset", "debug", "--dense-preset", "debug-dense",
+                                     "--repeats", "1", "--steps", "1", "--json"])
+    script.main()
+    report = json.loads(capsys.readouterr().out)
+    moe, dense = report["presets"]["debug"], report["presets"]["debug-dense"]
+    assert moe["parameters"] > dense["parameters"]  # 4 experts vs one FFN of the same active width
+    assert set(moe["ms"]) == {"adamw", "grad_norm", "weight_casts", "grad_copies"}
+    assert moe["total_ms"] == pytest.approx(sum(moe["ms"].values()))
+    extra = moe["total_ms"] - dense["total_ms"]
+    assert report["moe_over_dense_floor"] == pytest.approx((report["dense_step_ms"] + extra) / report["dense_step_ms"])
