@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -45,16 +46,30 @@ def test_bench_train_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
     assert set(report["peak_flops_by_size"]) == {"1024", "2048", "4096"}
 
 
-def test_parameter_passes_script_reports_the_floor(tmp_path, monkeypatch, capsys):
-    from pathlib import Path
-
-    from nanomoe.data import prepare_data
-
+def load_benchmark(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module (the scripts import their neighbours by plain name)."""
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(root))
-    spec = importlib.util.spec_from_file_location("parameter_passes", root / "parameter_passes.py")
+    spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_memory_bandwidth_script_reports_every_pass(monkeypatch, capsys):
+    script = load_benchmark("memory_bandwidth", monkeypatch)
+    monkeypatch.setattr("sys.argv", ["memory_bandwidth.py", "--mb", "4", "--repeats", "1", "--json"])
+    script.main()
+    report = json.loads(capsys.readouterr().out)
+    assert "1" in report["gb_per_s_by_threads"]
+    for rates in report["gb_per_s_by_threads"].values():
+        assert set(rates) == {"copy", "read", "write"} and all(r > 0 for r in rates.values())
+
+
+def test_parameter_passes_script_reports_the_floor(tmp_path, monkeypatch, capsys):
+    from nanomoe.data import prepare_data
+
+    script = load_benchmark("parameter_passes", monkeypatch)
     data = prepare_data("builtin:0.15", tmp_path / "data", vocab_size=300, progress=False)
     monkeypatch.setattr(script, "builtin_corpus_dir", lambda: data)
     monkeypatch.setattr("sys.argv", ["parameter_passes.py", "--moe-preset", "debug", "--dense-preset", "debug-dense",
