@@ -11,7 +11,7 @@ from .errors import ConfigError
 
 # The modern recipe (Llama / Mixtral): rotary positions, RMSNorm, SwiGLU, no biases.
 MODERN = dict(position="rope", norm="rmsnorm", ffn="swiglu", bias=False)
-# The first seed's recipe (nanoGPT): learned positions, LayerNorm, 4x ReLU MLP, biases.
+# The original NanoGPT-MoE TinyStories project's recipe (nanoGPT): learned positions, LayerNorm, 4x ReLU MLP, biases.
 CLASSIC = dict(position="learned", norm="layernorm", ffn="relu", bias=True)
 
 
@@ -31,22 +31,23 @@ PRESETS: dict[str, Preset] = {
         "tiny dense model for tests",
         dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64, ffn_hidden=256, **MODERN),
     ),
-    "seed-dense": Preset(
-        "the first seed's standard NanoGPT (~10M parameters)",
+    "nanogpt-dense": Preset(
+        "the original NanoGPT-MoE project's standard NanoGPT (~10M parameters)",
         dict(vocab_size=2048, block_size=1080, n_layer=8, n_head=8, n_embd=288, dropout=0.1, **CLASSIC),
     ),
-    "seed-moe": Preset(
-        "the first seed's trained MoE: 12 layers, 8 experts, top-2 noisy gating (see docs/seed-moe.md)",
+    "nanogpt-moe": Preset(
+        "the original NanoGPT-MoE project's trained MoE: 12 layers, 8 experts, top-2 noisy gating "
+        "(see docs/nanogpt-moe.md)",
         dict(vocab_size=2048, block_size=1080, n_layer=12, n_head=8, n_embd=256, dropout=0.1,
              n_experts=8, top_k=2, router="noisy_topk", aux_loss_coef=0.01, **CLASSIC),
     ),
-    "seed-dense-modern": Preset(
-        "seed-dense with rope + rmsnorm + swiglu",
+    "nanogpt-dense-modern": Preset(
+        "nanogpt-dense with rope + rmsnorm + swiglu",
         dict(vocab_size=2048, block_size=1080, n_layer=8, n_head=8, n_embd=288, ffn_hidden=768, dropout=0.1,
              **MODERN),
     ),
-    "seed-moe-modern": Preset(
-        "seed-moe with rope + rmsnorm + swiglu experts and a Mixtral top-2 router",
+    "nanogpt-moe-modern": Preset(
+        "nanogpt-moe with rope + rmsnorm + swiglu experts and a Mixtral top-2 router",
         dict(vocab_size=2048, block_size=1080, n_layer=12, n_head=8, n_embd=256, dropout=0.1, n_experts=8,
              top_k=2, expert_hidden=683, router="topk", aux_loss_coef=0.01, **MODERN),
     ),
@@ -65,7 +66,7 @@ PRESETS: dict[str, Preset] = {
              expert_hidden=1024, router="switch", aux_loss_coef=0.01, z_loss_coef=0.001, **MODERN),
     ),
     "tiny-moe-classic": Preset(
-        "tiny-moe in the seed's style: learned positions, LayerNorm, ReLU experts, noisy top-2 gating",
+        "tiny-moe in the NanoGPT-MoE project's style: learned positions, LayerNorm, ReLU experts, noisy top-2 gating",
         dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, n_experts=8, top_k=2,
              expert_hidden=512, router="noisy_topk", aux_loss_coef=0.01, **CLASSIC),
     ),
@@ -74,7 +75,8 @@ PRESETS: dict[str, Preset] = {
         dict(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=288, ffn_hidden=768, **MODERN),
     ),
     "moe-3b": Preset(
-        "~3B-parameter MoE (the second seed's target): 24 layers, 8 experts top-2, GQA; ~1B active",
+        "~3B-parameter MoE (the CPU-first MoE Transformer project's target): 24 layers, 8 experts top-2, "
+        "GQA; ~1B active",
         dict(vocab_size=32000, block_size=2048, n_layer=24, n_head=16, n_kv_head=4, n_embd=2048, n_experts=8,
              top_k=2, expert_hidden=2240, router="topk", aux_loss_coef=0.01, z_loss_coef=0.001, **MODERN),
     ),

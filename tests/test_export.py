@@ -105,7 +105,7 @@ def test_word_tokenizer_exports_to_the_same_ids(tmp_path):
 
 def test_models_without_hf_equivalent_are_refused_naming_what_is_needed(data_dir, tmp_path, capsys):
     cfg = get_preset("tiny-moe-classic", vocab_size=400, block_size=64, n_layer=2, n_embd=64, n_head=4,
-                     expert_hidden=64)  # the seed's recipe: learned positions, LayerNorm, ReLU, biases, noisy top-2
+                     expert_hidden=64)  # the NanoGPT-MoE project's recipe: learned positions, LayerNorm, ReLU, biases, noisy top-2
     run = save_run(tmp_path / "run", GPT(cfg), data_dir)
     out = tmp_path / "export"
     assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 1

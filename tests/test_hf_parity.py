@@ -63,7 +63,7 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 def test_models_without_hf_equivalent_are_refused_with_what_to_change():
     with pytest.raises(ConfigError, match="position=rope") as err:
-        check_hf_compatible(get_preset("seed-moe"))
+        check_hf_compatible(get_preset("nanogpt-moe"))
     assert "norm=rmsnorm" in str(err.value) and "ffn=swiglu" in str(err.value)
     with pytest.raises(ConfigError, match="router=topk"):  # noisy_topk exports (noise is training-only); switch not
         check_hf_compatible(get_preset("debug", router="switch"))

@@ -23,7 +23,7 @@ ARCHITECTURES = {
     "tied": dict(n_experts=0, tie_embeddings=True, n_kv_head=1),
     # MoE: the debug preset is rope, rmsnorm, swiglu, 4 experts, top-2 "topk" router
     "mixtral": dict(),
-    "seed-moe": dict(position="learned", norm="layernorm", ffn="relu", bias=True, router="noisy_topk"),
+    "nanogpt-moe": dict(position="learned", norm="layernorm", ffn="relu", bias=True, router="noisy_topk"),
     "switch-shared": dict(ffn="gelu", router="switch", top_k=1, n_kv_head=2, n_shared_experts=2, moe_every=2),
     "aux-free": dict(router_bias_update_rate=1e-3),
 }
@@ -122,7 +122,7 @@ def test_the_portable_build_without_avx512_gives_the_same_logits(extension):
         pytest.skip("the baseline build is an x86-64 target")
     portable = native.build_extension(["-O3", "-march=x86-64", "-fopenmp"])
     assert not portable.has_avx512_bf16()
-    for arch in ("llama", "seed-moe"):
+    for arch in ("llama", "nanogpt-moe"):
         model = make_model(arch)
         prompts = [[1, 2, 3], [4]]
         eager, other = Decoder(model, 2, 32), Decoder(model, 2, 32)

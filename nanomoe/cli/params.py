@@ -24,7 +24,7 @@ def cmd_params(args) -> int:
     Examples:
       nanomoe params --preset tiny-moe
       nanomoe params --preset moe-3b --gpus 8 --batch-size 4 --json
-      nanomoe params --preset seed-moe --set n_experts=16 --set top_k=1
+      nanomoe params --preset nanogpt-moe --set n_experts=16 --set top_k=1
     """
     from ..config import resolve_model_config
     from ..params import calculate

@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
     Examples:
       nanomoe train                                        # tiny-moe, built-in corpus
       nanomoe train --preset tiny-dense --max-steps 2000
-      nanomoe train --preset seed-moe --recipe seed --data tinystories
+      nanomoe train --preset nanogpt-moe --recipe nanogpt-moe --data tinystories
       nanomoe train --data data/tinystories --set lr=1e-3 --set n_layer=8
       nanomoe train --resume runs/tiny-moe-20261121-120000 --max-steps 4000
       torchrun --nproc_per_node=2 -m nanomoe train --strategy ddp ...
@@ -176,7 +176,8 @@ def cmd_train(args) -> int:
 def register(subparsers) -> None:
     p = add_command(subparsers, "train", cmd_train)
     p.add_argument("--preset", help="model preset (default tiny-moe; see `nanomoe params --list`)")
-    p.add_argument("--recipe", help="training recipe: default, seed (the first seed's), debug")
+    p.add_argument("--recipe", help="training recipe: default, nanogpt-moe (the original NanoGPT-MoE "
+                   "TinyStories project's), debug")
     p.add_argument("--config", help="TOML/YAML/JSON file with preset/recipe keys and [model] / [train] sections")
     p.add_argument("--data", help="builtin (default; builtin:MB for another size), tinystories, or a data dir from "
                    "`nanomoe prepare`")

@@ -185,7 +185,7 @@ class BatchLoader:
     def _crop_padding(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Drop the columns that are padding in every row (rounded up to a multiple of 64 so only a
         few shapes ever occur): the loss is unchanged, and short stories no longer pay for block_size
-        positions each (~80% of the compute for TinyStories at the seed's 1080)."""
+        positions each (~80% of the compute for TinyStories at the NanoGPT-MoE project's 1080)."""
         longest = int((y != IGNORE_INDEX).sum(axis=1).max(initial=1))
         width = min(self.block_size, -(-longest // CROP_MULTIPLE) * CROP_MULTIPLE)
         return x[:, :width], y[:, :width]

@@ -48,7 +48,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
-    schedule: str = "cosine"  # "cosine" (linear warmup), "onecycle" (the first seed), "constant"
+    schedule: str = "cosine"  # "cosine" (linear warmup), "onecycle" (the original NanoGPT-MoE project), "constant"
     warmup_steps: int = -1  # -1: 5% of the run (cosine); onecycle uses pct_start instead
     pct_start: float = 0.3  # onecycle: fraction of the run spent increasing the lr
 
@@ -65,7 +65,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500  # steps between `latest` checkpoints; 0 = only at the end
     keep_last: int = 2  # periodic checkpoints kept besides best, epoch checkpoints and the newest
-    save_epochs: bool = False  # also keep a checkpoint at the end of every epoch (the seed's habit)
+    save_epochs: bool = False  # also keep a checkpoint at the end of every epoch (the NanoGPT-MoE project's habit)
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
@@ -126,9 +126,10 @@ class TrainConfig:
 # Named training recipes. "default" trains tiny-moe on the built-in corpus in a few CPU minutes.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": dict(max_steps=500, batch_size=16, grad_accum=1, lr=3e-3, eval_every=250, save_every=250),
-    # The first seed's recipe: batch 32 x accumulation 2, AdamW lr 1e-3 with OneCycleLR, mixed precision,
-    # gradient checkpointing, one padded story per row, evaluation and a checkpoint every epoch, best kept.
-    "seed": dict(
+    # The original NanoGPT-MoE TinyStories project's recipe: batch 32 x accumulation 2, AdamW lr 1e-3
+    # with OneCycleLR, mixed precision, gradient checkpointing, one padded story per row, evaluation and a
+    # checkpoint every epoch, best kept.
+    "nanogpt-moe": dict(
         batch_size=32, grad_accum=2, lr=1e-3, schedule="onecycle", weight_decay=0.01, beta2=0.999,
         activation_checkpointing=True, data_mode="documents", eval_every=0, save_every=0, save_epochs=True,
         epochs=6.0, grad_clip=0.0,
