@@ -6,6 +6,7 @@ device. FLOPs and memory are estimates whose assumptions are written next to eac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import ModelConfig
@@ -88,6 +89,49 @@ def count_parameters(cfg: ModelConfig) -> ParamCounts:
     )
 
 
+def parameter_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """The shape of every parameter tensor of the model, in model order (tested against the real
+    model). FSDP shards each tensor on its first dimension, so the shapes, not only the counts,
+    decide how much each rank holds."""
+    D, d = cfg.n_embd, cfg.head_dim
+
+    def linear(n_in: int, n_out: int, bias: bool) -> list[tuple[int, ...]]:
+        return [(n_out, n_in)] + ([(n_out,)] if bias else [])
+
+    def ffn(hidden: int) -> list[tuple[int, ...]]:
+        in_width = 2 * hidden if cfg.ffn == "swiglu" else hidden
+        return linear(D, in_width, cfg.bias) + linear(hidden, D, cfg.bias)
+
+    norm = [(D,)] * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    shapes: list[tuple[int, ...]] = [(cfg.vocab_size, D)]
+    if cfg.position == "learned":
+        shapes.append((cfg.block_size, D))
+    for i in range(cfg.n_layer):
+        shapes += norm + linear(D, (cfg.n_head + 2 * cfg.n_kv_head) * d, cfg.bias)
+        shapes += linear(cfg.n_head * d, D, cfg.bias) + norm
+        if cfg.is_moe_layer(i):
+            E, H = cfg.n_experts, cfg.expert_hidden
+            in_width = 2 * H if cfg.ffn == "swiglu" else H
+            shapes += [(E, D)] * (2 if cfg.router == "noisy_topk" else 1)
+            shapes += [(E, D, in_width), (E, H, D)] + ([(E, in_width), (E, D)] if cfg.bias else [])
+            if cfg.n_shared_experts:
+                shapes += ffn(cfg.n_shared_experts * H)
+        else:
+            shapes += ffn(cfg.ffn_hidden)
+    shapes += norm
+    if not cfg.tie_embeddings:
+        shapes.append((cfg.vocab_size, D))
+    return shapes
+
+
+def fsdp_shard_numel(cfg: ModelConfig, gpus: int) -> int:
+    """Elements one rank holds when FSDP2 shards every parameter on dim 0 over `gpus` ranks.
+
+    Each rank's shard is ceil(dim0 / gpus) rows (the last ranks' padded): an expert tensor
+    (E, D, H) with fewer experts than ranks gives every rank a whole expert, not 1/gpus of them."""
+    return sum(-(-shape[0] // gpus) * math.prod(shape[1:]) for shape in parameter_shapes(cfg))
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
     """Matrix-product FLOPs per token (multiply-add = 2 FLOPs), forward and training (3x forward:
     the backward pass costs two products per forward product).
@@ -165,7 +209,11 @@ def memory_estimate(
     """Training memory in bytes, for fp32 and bf16-autocast training, with/without activation
     checkpointing, and per GPU when parameters, gradients and AdamW states are sharded by FSDP over
     `gpus` devices, as nanomoe.distributed.shard_model does it (FSDP2, one unit per block):
-    - 16 bytes per parameter / gpus: fp32 weights, fp32 gradients, AdamW m and v, all sharded;
+    - one device, bf16 autocast: the bf16 copies of the weights that the matrix products cast and
+      autograd keeps for the backward pass (`weight_casts`, 2 bytes per matmul parameter);
+    - 16 bytes per sharded parameter: fp32 weights, fp32 gradients, AdamW m and v, each tensor split
+      on dim 0 into ceil(dim0 / gpus) rows per rank (`fsdp_shard_numel`: the expert tensors hold
+      whole experts, so past n_experts ranks they stop shrinking);
     - unsharded, in the compute dtype: two blocks' parameters and gradients (the current block and the
       prefetched one), plus the root unit (embeddings, final norm, head), which FSDP2 keeps gathered
       from the forward pass to the end of the backward pass; with bf16 compute, one block's gradients
@@ -183,6 +231,12 @@ def memory_estimate(
         counts.dense_ffn / (cfg.n_layer - n_moe) if cfg.n_layer > n_moe else 0,
     )
     root_unit = counts.embedding + counts.lm_head + norm_params(cfg)
+    # what autocast casts to bf16 for a matrix product: all but the embedding lookups, the norms and
+    # the fp32 router; a tied head casts the token embedding
+    cast_params = P - counts.embedding - counts.norms - counts.router
+    if cfg.tie_embeddings:
+        cast_params += counts.token_embedding
+    shard_numel = fsdp_shard_numel(cfg, gpus)
 
     result = {}
     for precision, low_bytes in (("fp32", 4), ("bf16", 2)):
@@ -192,20 +246,24 @@ def memory_estimate(
         # checkpointing: block inputs of every layer + one block recomputed + logits
         checkpointed = (cfg.n_layer * block_input + per_layer_token + 2 * cfg.vocab_size * 4) * tokens
         weights, grads, optimizer = 4 * P, 4 * P, 8 * P  # fp32 master weights, grads, AdamW m and v
+        weight_casts = cast_params * low_bytes if low_bytes < 4 else 0
+        state = weights + grads + optimizer + weight_casts
         row = {
             "weights": weights,
             "gradients": grads,
             "optimizer": optimizer,
+            "weight_casts": weight_casts,
             "activations": activations,
             "activations_checkpointed": checkpointed,
-            "total": weights + grads + optimizer + activations,
-            "total_checkpointed": weights + grads + optimizer + checkpointed,
+            "total": state + activations,
+            "total_checkpointed": state + checkpointed,
         }
         if gpus > 1 or precision == "bf16":
             unsharded = (2 * largest_block + root_unit) * low_bytes * 2  # params + grads in compute dtype
             if low_bytes < 4:
                 unsharded += 4 * largest_block  # fp32 copy of one block's gradients for the reduce-scatter
-            sharded_state = (weights + grads + optimizer) / gpus
+            sharded_state = 16 * shard_numel  # the gathered bf16 blocks above replace the weight casts
+            row["fsdp_shard_params"] = shard_numel
             row["fsdp_per_gpu"] = sharded_state + unsharded + activations
             row["fsdp_per_gpu_checkpointed"] = sharded_state + unsharded + checkpointed
         result[precision] = {k: int(round(v)) for k, v in row.items()}

@@ -269,6 +269,7 @@ def test_fsdp_materializes_only_its_shards_with_the_single_process_init(tmp_path
     sharded_state = (estimate["weights"] + estimate["gradients"] + estimate["optimizer"]) / 2
     measured = 16 * max(r["local_numel"] for r in ranks)
     assert measured == pytest.approx(sharded_state, rel=0.05)
+    assert max(r["local_numel"] for r in ranks) == estimate["fsdp_shard_params"]  # dim-0 shards, exactly
 
     # the sharded build starts from the weights a single process builds from the same seed
     from nanomoe.distributed import build_model

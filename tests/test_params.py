@@ -8,7 +8,14 @@ import torch
 
 from nanomoe.cli import main
 from nanomoe.model import GPT
-from nanomoe.params import calculate, count_parameters, flops_per_token
+from nanomoe.params import (
+    calculate,
+    count_parameters,
+    flops_per_token,
+    fsdp_shard_numel,
+    memory_estimate,
+    parameter_shapes,
+)
 from nanomoe.presets import PRESETS, get_preset
 
 
@@ -95,3 +102,60 @@ def test_cli_overrides_and_errors(capsys):
     assert json.loads(capsys.readouterr().out)["config"]["n_experts"] == 16
     assert main(["params", "--preset", "tiny-moe", "--set", "n_head=5"]) == 1
     assert "divisible by n_head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_shapes_are_the_models(name):
+    variants = [{}, {"n_shared_experts": 1}] if get_preset(name).is_moe else [{}]
+    for extra in variants:
+        cfg = get_preset(name, **extra)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        assert parameter_shapes(cfg) == [tuple(p.shape) for p in model.parameters()], (name, extra)
+
+
+def test_fsdp_shards_stop_shrinking_past_one_expert_per_rank():
+    cfg = get_preset("moe-3b")  # 8 experts; every other dim 0 divides by 32
+    total = count_parameters(cfg).total
+    assert fsdp_shard_numel(cfg, 1) == total
+    assert fsdp_shard_numel(cfg, 8) == total / 8
+    experts = count_parameters(cfg).experts
+    for gpus in (16, 32):
+        # every rank holds one whole expert of each layer's (8, D, H) tensors, not 1/gpus of them
+        assert fsdp_shard_numel(cfg, gpus) == pytest.approx((total - experts) / gpus + experts / 8, rel=1e-3)
+    mem = memory_estimate(cfg, batch_size=4, gpus=16)["bf16"]
+    assert mem["fsdp_shard_params"] == fsdp_shard_numel(cfg, 16)
+
+
+def _saved_bytes(model, idx, targets) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward pass (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, targets)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["debug", "debug-dense"])
+def test_memory_estimate_matches_what_autograd_saves(name):
+    # measured at two batch sizes: the slope is the activations per token, the intercept the weight casts
+    cfg = get_preset(name, n_embd=128, n_head=4, expert_hidden=256, ffn_hidden=256, block_size=64)
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    T, small, large = cfg.block_size, 2, 6
+    measured = {}
+    for B in (small, large):
+        idx = torch.randint(0, cfg.vocab_size, (B, T))
+        measured[B] = _saved_bytes(model, idx, idx)
+    per_token = (measured[large] - measured[small]) / ((large - small) * T)
+    fixed = measured[small] - per_token * small * T
+    row = memory_estimate(cfg, batch_size=1, seq_len=T)["bf16"]
+    assert row["activations"] / T == pytest.approx(per_token, rel=0.25)
+    assert row["weight_casts"] == pytest.approx(fixed, rel=0.25)

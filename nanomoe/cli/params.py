@@ -59,7 +59,9 @@ def cmd_params(args) -> int:
     print(f"  training memory at batch {args.batch_size} x {report['seq_len']} tokens (AdamW, fp32 master weights):")
     for precision, row in mem.items():
         line = (f"    {precision:5s} weights {_fmt_bytes(row['weights'])}, grads {_fmt_bytes(row['gradients'])}, "
-                f"AdamW {_fmt_bytes(row['optimizer'])}, activations {_fmt_bytes(row['activations'])} "
+                f"AdamW {_fmt_bytes(row['optimizer'])}, "
+                + (f"bf16 weight casts {_fmt_bytes(row['weight_casts'])}, " if row["weight_casts"] else "")
+                + f"activations {_fmt_bytes(row['activations'])} "
                 f"({_fmt_bytes(row['activations_checkpointed'])} checkpointed); "
                 f"total {_fmt_bytes(row['total'])} ({_fmt_bytes(row['total_checkpointed'])} checkpointed)")
         print(line)
