@@ -21,9 +21,9 @@ import time
 import torch
 
 from nanomoe import native
-from nanomoe.config import resolve_model_config
 from nanomoe.generation import Decoder
 from nanomoe.model import GPT
+from nanomoe.presets import resolve_model_config
 
 KERNELS = {"matvec": (1 << 30, 1 << 30), "packed": (1, 1 << 30), "amx": (1, 1)}  # (pack from, AMX from) rows
 DEFAULT_PACK_MIN, DEFAULT_AMX_MIN = 2, 8

@@ -268,33 +268,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
 
 
-def resolve_model_config(
-    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
-) -> ModelConfig:
-    """Preset, then the `[model]` section of a config file (or a bare model JSON such as a
-    checkpoint's model.json), then `--set key=value` overrides, each on top of the previous."""
-    from .presets import PRESETS
-
-    fields: dict[str, Any] = {}
-    file_data: dict[str, Any] = {}
-    if config_file is not None:
-        file_data = load_config_file(config_file)
-        preset = preset or file_data.get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        fields.update(PRESETS[preset].fields)
-    if file_data:
-        model_section = file_data.get("model", None)
-        if model_section is None and "n_layer" in file_data:  # a bare model config
-            model_section = file_data
-        fields.update(model_section or {})
-    fields.update(parse_overrides(ModelConfig, overrides))
-    if not fields:
-        raise ConfigError("no model given: pass --preset NAME (see `nanomoe params --list`) or --config FILE")
-    return ModelConfig.from_dict(fields)
-
-
 __all__ = [
     "ModelConfig",
     "POSITIONS",
@@ -306,5 +279,4 @@ __all__ = [
     "parse_overrides",
     "field_names",
     "load_config_file",
-    "resolve_model_config",
 ]

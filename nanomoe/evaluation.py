@@ -11,8 +11,12 @@ from pathlib import Path
 
 import torch
 
+from .data import check_compatible, read_meta
+from .data.loader import BatchLoader
+from .errors import ConfigError, DataError
 from .model import IGNORE_INDEX
 from .moe import MoEStats
+from .runtime import autocast_context
 
 
 class RoutingAccumulator:
@@ -225,10 +229,6 @@ def open_eval_loader(checkpoint, data_dir, *, split: str = "val", mode: str = "p
 
     block_size defaults to the sequence length the model was trained at (else its block_size).
     """
-    from .data import check_compatible
-    from .data.loader import BatchLoader
-    from .errors import ConfigError, DataError
-
     cfg = checkpoint.model_config
     try:
         check_compatible(data_dir, tokenizer=checkpoint.tokenizer, vocab_size=cfg.vocab_size)
@@ -267,13 +267,8 @@ def evaluate_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    from .data import read_meta
-    from .training.trainer import autocast_context
-
     device = next(checkpoint.model.parameters()).device
     if precision == "fp16" and device.type != "cuda":
-        from .errors import ConfigError
-
         raise ConfigError("fp16 needs a GPU; use --precision bf16 (fast on recent CPUs) or fp32")
     loader = open_eval_loader(checkpoint, data_dir, split=split, mode=mode, batch_size=batch_size,
                               block_size=block_size)

@@ -10,7 +10,7 @@ Layers, from the bottom up:
   builds it once and reuses it for every token; on the CPU models run it as one C++ call instead
   (nanomoe/native.py).
 - `stream`: the token loop, one `Step` per new token position, with early stop per row.
-- `generate` (what `GPT.generate` calls) returns a (B, T + new) tensor; `generate_batch` takes
+- `generate` returns a (B, T + new) tensor; `generate_batch` takes
   prompts of different lengths and returns each row's new tokens; `stream_text` adds incremental
   detokenization and stop strings for the CLI and the chat.
 

@@ -180,7 +180,7 @@ def hf_tokenizer(tokenizer):
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .data.tokenizer import _PIECE_RE, EOT, UNKNOWN
+    from .data.tokenizer import EOT, UNKNOWN, WORD_PIECE_RE
 
     if tokenizer.kind == "bpe":
         hf = HFTokenizer.from_str(tokenizer.hf.to_str())
@@ -193,7 +193,7 @@ def hf_tokenizer(tokenizer):
             raise ConfigError("exporting a word tokenizer needs tokenizers >= 0.20 (BPE ignore_merges); "
                               "pip install -U tokenizers") from None
         hf = HFTokenizer(model)
-        hf.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECE_RE.pattern), behavior="isolated")
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PIECE_RE.pattern), behavior="isolated")
         hf.decoder = decoders.Fuse()  # pieces carry their own spaces: join them as they are
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokenizer.special_tokens])
     eot = tokenizer.eot_id

@@ -1,7 +1,7 @@
 """GPT language model, dense or Mixture-of-Experts, readable top to bottom.
 
 Architecture only: mixed precision, torch.compile, activation checkpointing and sharding are applied
-from outside (see nanomoe/training and nanomoe/distributed.py). The MoE layer lives in moe.py.
+from outside (see nanomoe/parallelize.py and nanomoe/training). The MoE layer lives in moe.py.
 
 Shape legend: B batch, T query positions, S key positions (T plus any cached prefix),
 D model width, Hq query heads, Hkv key/value heads, d head width, V vocabulary.
@@ -220,7 +220,7 @@ class GPT(nn.Module):
         """(Re)initialize every parameter and buffer. Also used after building on the meta device.
 
         Walks `named_modules()` once, touching each module's own parameters only when visiting it:
-        distributed.init_sharded_weights relies on that to materialize one module at a time."""
+        parallelize.init_sharded_weights relies on that to materialize one module at a time."""
         cfg = self.config
         std = cfg.init_std
         # residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2) so the residual stream's variance
@@ -346,13 +346,6 @@ class GPT(nn.Module):
         tokens_per_expert (summed over micro-batches, and over ranks when data-parallel)."""
         for layer, load in zip(self.moe_layers(), tokens_per_expert, strict=True):
             layer.update_selection_bias(load)
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """Continue token ids idx (B, T); see nanomoe.generation.generate for the options
-        (temperature, top_k, top_p, stop_id, seed, ...)."""
-        from .generation import generate
-
-        return generate(self, idx, max_new_tokens, **sampling)
 
     def num_params(self, active_only: bool = False) -> int:
         """Parameter count (shared tensors once). Active: what one token touches (top_k of E experts)."""

@@ -208,7 +208,7 @@ def memory_estimate(
 ) -> dict[str, dict[str, float]]:
     """Training memory in bytes, for fp32 and bf16-autocast training, with/without activation
     checkpointing, and per GPU when parameters, gradients and AdamW states are sharded by FSDP over
-    `gpus` devices, as nanomoe.distributed.shard_model does it (FSDP2, one unit per block):
+    `gpus` devices, as nanomoe.parallelize.shard_model does it (FSDP2, one unit per block):
     - one device, bf16 autocast: the bf16 copies of the weights that the matrix products cast and
       autograd keeps for the backward pass (`weight_casts`, 2 bytes per matmul parameter);
     - 16 bytes per sharded parameter: fp32 weights, fp32 gradients, AdamW m and v, each tensor split

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
+from .config import ModelConfig, load_config_file, parse_overrides
 from .errors import ConfigError
 
 # The modern recipe (Llama / Mixtral): rotary positions, RMSNorm, SwiGLU, no biases.
@@ -83,12 +84,33 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """The named config with `overrides` applied (validated as a whole)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return ModelConfig.from_dict({**PRESETS[name].fields, **overrides})
+
+
+def resolve_model_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> ModelConfig:
+    """Preset, then the `[model]` section of a config file (or a bare model JSON such as a
+    checkpoint's model.json), then `--set key=value` overrides, each on top of the previous."""
+    fields: dict[str, Any] = {}
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        file_data = load_config_file(config_file)
+        preset = preset or file_data.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        fields.update(PRESETS[preset].fields)
+    if file_data:
+        model_section = file_data.get("model", None)
+        if model_section is None and "n_layer" in file_data:  # a bare model config
+            model_section = file_data
+        fields.update(model_section or {})
+    fields.update(parse_overrides(ModelConfig, overrides))
+    if not fields:
+        raise ConfigError("no model given: pass --preset NAME (see `nanomoe params --list`) or --config FILE")
+    return ModelConfig.from_dict(fields)

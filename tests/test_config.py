@@ -2,9 +2,9 @@
 
 import pytest
 
-from nanomoe.config import ModelConfig, parse_overrides, resolve_model_config
+from nanomoe.config import ModelConfig, parse_overrides
 from nanomoe.errors import ConfigError
-from nanomoe.presets import PRESETS, get_preset
+from nanomoe.presets import PRESETS, get_preset, resolve_model_config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -22,12 +22,15 @@ import torch
 
 from nanomoe.cli import main
 from nanomoe.data import prepare_data
-from nanomoe.distributed import DistContext, micro_batch_size, parallelize, read_sharded_model_state
 from nanomoe.errors import CheckpointError, ConfigError
+from nanomoe.generation import generate
 from nanomoe.model import GPT
+from nanomoe.parallelize import parallelize
 from nanomoe.params import count_parameters, memory_estimate
 from nanomoe.presets import get_preset
+from nanomoe.runtime import DistContext, micro_batch_size
 from nanomoe.training import checkpoint as ckpt
+from nanomoe.training.checkpoint import read_sharded_model_state
 from nanomoe.training.config import TrainConfig
 
 pytestmark = pytest.mark.distributed
@@ -143,7 +146,7 @@ def test_only_rank_0_writes_logs_plots_and_samples(fsdp_run):
     printed = proc.stdout.split("--- story 1 ---\n", 1)[1].split("\n\nfinal validation loss", 1)[0].strip()
     final = ckpt.load_checkpoint(run, prefer="latest")  # the same weights, read from the shards
     ids = final.tokenizer.encode("Once upon a time")
-    out = final.model.generate(torch.tensor([ids]), 8, temperature=0.8, top_k=50, stop_id=final.tokenizer.eot_id,
+    out = generate(final.model, torch.tensor([ids]), 8, temperature=0.8, top_k=50, stop_id=final.tokenizer.eot_id,
                                seed=0)[0, len(ids):].tolist()
     out = out[: out.index(final.tokenizer.eot_id)] if final.tokenizer.eot_id in out else out
     assert printed == ("Once upon a time" + final.tokenizer.decode(out)).strip()
@@ -192,7 +195,7 @@ def test_consolidate_writes_safetensors_that_generation_reads(fsdp_run, tmp_path
     for name, value in sharded.model.state_dict().items():
         assert torch.equal(consolidated.model.state_dict()[name], value), name
     ids = consolidated.tokenizer.encode("Once upon a time")
-    assert consolidated.model.generate(torch.tensor([ids]), 5, seed=0).shape == (1, len(ids) + 5)
+    assert generate(consolidated.model, torch.tensor([ids]), 5, seed=0).shape == (1, len(ids) + 5)
     # never overwrite a directory that holds something
     assert main(["checkpoint", "consolidate", str(run), "--out", str(out)]) == 1
     assert "not empty" in capsys.readouterr().err
@@ -209,7 +212,7 @@ SHARDED_INIT_WORKER = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
     from torch.distributed.tensor import DTensor
-    from nanomoe.distributed import DistContext, build_model
+    from nanomoe.parallelize import build_model
     from nanomoe.presets import get_preset
     from nanomoe.training.config import TrainConfig
     from nanomoe.training.trainer import optimizer_param_groups
@@ -272,7 +275,7 @@ def test_fsdp_materializes_only_its_shards_with_the_single_process_init(tmp_path
     assert max(r["local_numel"] for r in ranks) == estimate["fsdp_shard_params"]  # dim-0 shards, exactly
 
     # the sharded build starts from the weights a single process builds from the same seed
-    from nanomoe.distributed import build_model
+    from nanomoe.parallelize import build_model
 
     single = build_model(cfg, TrainConfig(precision="fp32", seed=5), DistContext(), torch.device("cpu"))
     gathered = torch.load(weights, weights_only=True)

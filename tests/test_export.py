@@ -8,6 +8,7 @@ import torch
 
 from nanomoe.cli import main
 from nanomoe.data import load_data_tokenizer, prepare_data, read_meta
+from nanomoe.generation import generate
 from nanomoe.hf import save_hf_tokenizer
 from nanomoe.model import GPT
 from nanomoe.presets import get_preset
@@ -78,7 +79,7 @@ def test_export_loads_in_transformers_with_identical_logits_and_greedy_tokens(ca
         assert ids[0].tolist() == [eot] + ours.tokenizer.encode(prompt)  # <|endoftext|> in front, as in training
         with torch.no_grad():
             torch.testing.assert_close(hf(ids).logits, ours.model(ids).logits, atol=1e-5, rtol=0)
-        expected = ours.model.generate(ids, 24, temperature=0, stop_id=eot)
+        expected = generate(ours.model, ids, 24, temperature=0, stop_id=eot)
         got = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
         assert got.tolist() == expected.tolist()
         assert got.shape[1] == ids.shape[1] + 24 or got[0, -1] == eot

@@ -171,7 +171,7 @@ def test_decoder_refuses_what_does_not_fit():
 def test_generate_keeps_the_training_mode_and_runs_under_autocast():
     model = make_model().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(torch.tensor([[1, 2]]), 5, temperature=0.8, top_k=50, stop_id=0, seed=0)
+        out = generate(model, torch.tensor([[1, 2]]), 5, temperature=0.8, top_k=50, stop_id=0, seed=0)
     assert out.shape[1] <= 7 and model.training
 
 

@@ -16,6 +16,7 @@ import torch
 from nanomoe.cli import main
 from nanomoe.data import prepare_data
 from nanomoe.errors import CheckpointError, ConfigError
+from nanomoe.generation import generate
 from nanomoe.presets import get_preset
 from nanomoe.training import checkpoint as ckpt
 from nanomoe.training.config import TrainConfig
@@ -355,7 +356,7 @@ def test_checkpoint_holds_everything_and_no_pickles(data_dir, tmp_path):
     assert state["step"] == 2 and state["loader"]["step"] == 2
     loaded = ckpt.load_checkpoint(run)
     ids = loaded.tokenizer.encode("Once upon a time")
-    out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=5, temperature=0)
+    out = generate(loaded.model, torch.tensor([ids]), max_new_tokens=5, temperature=0)
     assert out.shape == (1, len(ids) + 5)
 
 
@@ -472,7 +473,7 @@ def test_any_error_while_saving_is_a_clear_error_and_leaves_nothing(data_dir, tm
 
 def test_activation_checkpointing_replays_dropout_and_noisy_gating_exactly():
     from nanomoe.model import GPT
-    from nanomoe.training.trainer import apply_activation_checkpointing
+    from nanomoe.parallelize import apply_activation_checkpointing
 
     cfg = tiny_model(router="noisy_topk", dropout=0.2)
     idx = torch.randint(0, 512, (2, 16))

@@ -20,6 +20,7 @@ import torch
 from ..atomic_io import write_bytes_atomic
 from ..errors import ConfigError
 from ..evaluation import RoutingAccumulator, evaluate_checkpoint
+from ..runtime import autocast_context
 
 # ---------------------------------------------------------------------------------------------
 # Token ids -> readable text pieces
@@ -195,7 +196,6 @@ def analyze_experts(
     counts once for each, so every layer's load fractions sum to 1.
     """
     from ..data.loader import BatchLoader
-    from ..training.trainer import autocast_context
 
     cfg = checkpoint.model_config
     if not cfg.is_moe:

@@ -21,8 +21,6 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import torch
-
 from ..cli import add_command
 
 # CPU ticks (10 ms) other processes may use during one timed run before it is taken again
@@ -30,6 +28,8 @@ FOREIGN_TICKS_ALLOWED = 5
 
 
 def load_model(args):
+    import torch
+
     from ..model import GPT
 
     if args.checkpoint:
@@ -38,7 +38,7 @@ def load_model(args):
         ckpt = load_checkpoint(args.checkpoint)
         model, name = ckpt.model, str(ckpt.path)
     else:
-        from ..config import resolve_model_config
+        from ..presets import resolve_model_config
 
         cfg = resolve_model_config(args.preset, None, args.set)
         needed = args.prompt_tokens + args.new_tokens
@@ -52,9 +52,11 @@ def load_model(args):
 
 
 def run(args) -> dict:
+    import torch
+
     from ..errors import ConfigError
     from ..generation import Decoder, cache_length, decode_backend, generate_batch
-    from .timing import _cpu_ticks, _foreign_ticks
+    from .timing import cpu_ticks, foreign_ticks
 
     for flag in ("new_tokens", "prompt_tokens", "batch_size", "repeats"):
         if getattr(args, flag) < 1:
@@ -108,9 +110,9 @@ def run(args) -> dict:
     for _ in range(args.repeats):
         for name, case in cases.items():  # interleaved, so a busy moment hits every case alike
             for _attempt in range(3):  # retake a sample during which other processes used the CPU
-                ticks = _cpu_ticks()
+                ticks = cpu_ticks()
                 seconds = case()
-                if _foreign_ticks(ticks, _cpu_ticks()) <= FOREIGN_TICKS_ALLOWED:
+                if foreign_ticks(ticks, cpu_ticks()) <= FOREIGN_TICKS_ALLOWED:
                     break
             samples[name].append(seconds)
     steady = {name: statistics.median(s) for name, s in samples.items()}

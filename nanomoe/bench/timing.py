@@ -20,7 +20,7 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def _cpu_ticks() -> tuple[int, int] | None:
+def cpu_ticks() -> tuple[int, int] | None:
     """(busy ticks of the whole machine, ticks of this process) from /proc, or None off Linux."""
     try:
         with open("/proc/stat") as f:
@@ -33,7 +33,7 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return busy, int(mine[11]) + int(mine[12])  # utime + stime, all threads
 
 
-def _foreign_ticks(before, after) -> int:
+def foreign_ticks(before, after) -> int:
     if before is None or after is None:
         return 0
     return (after[0] - before[0]) - (after[1] - before[1])
@@ -64,13 +64,13 @@ def time_interleaved(
         for name, fn in fns.items():
             for _attempt in range(attempts):
                 sync(device)
-                ticks = _cpu_ticks()
+                ticks = cpu_ticks()
                 t0 = clock()
                 for _ in range(inner):
                     fn()
                 sync(device)
                 seconds = (clock() - t0) / inner
-                if _foreign_ticks(ticks, _cpu_ticks()) <= _FOREIGN_TICKS_ALLOWED:
+                if foreign_ticks(ticks, cpu_ticks()) <= _FOREIGN_TICKS_ALLOWED:
                     break
             samples[name].append(seconds)
     return {name: statistics.median(s) for name, s in samples.items()}

@@ -12,16 +12,20 @@ import json
 import statistics
 import tempfile
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..cli import add_command
+
+if TYPE_CHECKING:
+    import torch
 
 PEAK_SIZES = (1024, 2048, 4096)
 
 
 def measure_peak(precision: str, device: torch.device) -> dict[int, float]:
     """Matmul FLOP/s of square products of a few sizes; the best is the machine's practical peak."""
+    import torch
+
     from .timing import matmul_peak_flops
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
@@ -29,8 +33,8 @@ def measure_peak(precision: str, device: torch.device) -> dict[int, float]:
 
 
 def make_trainer(preset: str, args, data_dir, run_dir):
-    from ..config import resolve_model_config
     from ..data import read_meta
+    from ..presets import resolve_model_config
     from ..training.config import TrainConfig
     from ..training.trainer import Trainer
 
@@ -46,6 +50,8 @@ def make_trainer(preset: str, args, data_dir, run_dir):
 
 
 def run(args) -> dict:
+    import torch
+
     from ..data import builtin_corpus_dir
     from ..malloc import keep_freed_memory
 

@@ -33,12 +33,12 @@ def _worker(opts) -> None:
     """One process of the measurement (under torchrun, or alone). Rank 0 writes the result file."""
     import torch
 
-    from ..config import resolve_model_config
     from ..data import builtin_corpus_dir, read_meta
-    from ..distributed import DistContext
     from ..malloc import keep_freed_memory
+    from ..presets import resolve_model_config
+    from ..runtime import DistContext, resolve_device
     from ..training.config import TrainConfig
-    from ..training.trainer import Trainer, resolve_device
+    from ..training.trainer import Trainer
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from ..distributed import exit_worker
+    from ..runtime import exit_worker
 
     main()
     exit_worker(0)

@@ -23,10 +23,4 @@ def register(subparsers) -> None:
     parser.set_defaults(bench_parser=parser)
     bench_sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for name in BENCHMARKS:
-        try:
-            module = importlib.import_module(f"nanomoe.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"nanomoe.bench.{name}":  # not written yet
-                continue
-            raise
-        module.register(bench_sub)
+        importlib.import_module(f"nanomoe.bench.{name}").register(bench_sub)

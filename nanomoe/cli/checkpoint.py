@@ -28,9 +28,9 @@ def cmd_consolidate(args) -> int:
     """
     import torch
 
-    from ..distributed import consolidate_checkpoint
     from ..errors import CheckpointError
     from ..training import checkpoint as ckpt
+    from ..training.checkpoint import consolidate_checkpoint
 
     ckpt_dir = ckpt.resolve_checkpoint(args.path, prefer=args.prefer)
     if not (ckpt_dir / ckpt.SHARDED_DIR).is_dir():

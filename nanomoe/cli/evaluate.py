@@ -35,8 +35,8 @@ def add_checkpoint_data_args(p, *, max_batches: int | None, batch_size: int = 16
 def load_checkpoint_and_data(args):
     """(checkpoint on the chosen device, data dir) from the shared arguments, with clear errors."""
     from ..errors import ConfigError, DataError
+    from ..runtime import resolve_device
     from ..training.checkpoint import load_checkpoint
-    from ..training.trainer import resolve_device
     from .train import resolve_data_dir
 
     for name in ("batch_size", "block_size"):

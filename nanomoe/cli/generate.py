@@ -45,8 +45,8 @@ def load_for_generation(args):
     import torch
 
     from ..errors import CheckpointError, ConfigError
+    from ..runtime import resolve_device
     from ..training.checkpoint import load_checkpoint
-    from ..training.trainer import resolve_device
 
     if args.threads is not None:
         if args.threads < 1:

@@ -26,9 +26,8 @@ def cmd_params(args) -> int:
       nanomoe params --preset moe-3b --gpus 8 --batch-size 4 --json
       nanomoe params --preset nanogpt-moe --set n_experts=16 --set top_k=1
     """
-    from ..config import resolve_model_config
     from ..params import calculate
-    from ..presets import PRESETS
+    from ..presets import PRESETS, resolve_model_config
 
     if args.list:
         for name, preset in PRESETS.items():

@@ -81,12 +81,13 @@ def cmd_train(args) -> int:
       nanomoe train --resume runs/tiny-moe-20261121-120000 --max-steps 4000
       torchrun --nproc_per_node=2 -m nanomoe train --strategy ddp ...
     """
-    from ..config import ModelConfig, resolve_model_config
-    from ..distributed import DistContext
+    from ..config import ModelConfig
     from ..errors import ConfigError
+    from ..presets import resolve_model_config
+    from ..runtime import DistContext, resolve_device
     from ..training import checkpoint as ckpt
     from ..training.config import TrainConfig, resolve_train_config, split_overrides
-    from ..training.trainer import Trainer, resolve_device
+    from ..training.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_overrides, _ = split_overrides(args.set)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
-from .tokenizer import EOT
+from .special_tokens import EOT
 
 SEPARATORS = ("auto", "eot", "blank", "line")
 ERRORS = ("strict", "replace")

@@ -27,12 +27,9 @@ from pathlib import Path
 
 from ..atomic_io import write_text_atomic
 from ..errors import DataError
+from .sources import open_source
+from .special_tokens import EOT, SPECIAL_TOKENS, UNKNOWN
 
-EOT = "<|endoftext|>"
-UNKNOWN = "<|unknown|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS = (EOT, UNKNOWN, IM_START, IM_END)
 N_BYTES = 256  # a byte-level BPE always holds one token per byte
 MIN_BPE_VOCAB = N_BYTES + len(SPECIAL_TOKENS)
 WORD_FORMAT = "nanomoe-word-tokenizer"
@@ -160,7 +157,7 @@ def train_bpe_tokenizer(
 
 # Every character of a text lands in exactly one piece, so joining the pieces gives the text back:
 # a word or number with its leading space, a run of punctuation with its leading space, one space char.
-_PIECE_RE = re.compile(r" ?\w+| ?[^\w\s]+|\s")
+WORD_PIECE_RE = re.compile(r" ?\w+| ?[^\w\s]+|\s")
 
 
 class WordTokenizer(Tokenizer):
@@ -209,7 +206,7 @@ class WordTokenizer(Tokenizer):
             if i % 2 == 1:  # a special token (split keeps the separators at odd positions)
                 out.append(self.special_tokens[part])
                 continue
-            for piece in _PIECE_RE.findall(part):
+            for piece in WORD_PIECE_RE.findall(part):
                 out.extend(self._encode_piece(piece))
         return out
 
@@ -242,7 +239,7 @@ def train_word_tokenizer(
     for text in _training_texts(texts_or_paths):
         n_docs += 1
         for part in re.split("|".join(re.escape(t) for t in SPECIAL_TOKENS), text):
-            pieces.update(_PIECE_RE.findall(part))
+            pieces.update(WORD_PIECE_RE.findall(part))
     if n_docs == 0:
         raise DataError("no text to train the tokenizer on: the input holds no documents")
     chars: Counter[str] = Counter()
@@ -333,8 +330,6 @@ def _training_texts(texts_or_paths) -> Iterator[str]:
         texts_or_paths = [texts_or_paths]
     for item in texts_or_paths:
         if isinstance(item, os.PathLike):
-            from .sources import open_source
-
             yield from open_source(item).documents("train")
         elif isinstance(item, str):
             yield item

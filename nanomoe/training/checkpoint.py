@@ -7,7 +7,7 @@ Layout of a run directory:
           model.safetensors            weights (and persistent buffers such as router biases)
           sharded/                     instead of the two files around this line under FSDP: weights and
                                        AdamW state written by every rank with torch.distributed.checkpoint
-                                       (nanomoe/distributed.py; `nanomoe checkpoint consolidate` adds
+                                       (see "Sharded checkpoints" below; `nanomoe checkpoint consolidate` adds
                                        model.safetensors)
           optimizer.pt                 AdamW state: tensors and numbers only (torch.load(weights_only=True))
           rng.pt                       torch RNG states (tensors only)
@@ -25,6 +25,7 @@ the directory it names intact. Nothing here unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -36,9 +37,12 @@ from typing import Any
 
 import torch
 
-from ..atomic_io import fsync_dir, fsync_file, temporary_dir, write_json_atomic
+from ..atomic_io import fsync_dir, fsync_file, replace_durably, temporary_dir, temporary_path, write_json_atomic
 from ..config import ModelConfig
+from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
+from ..model import GPT, rope_cache
+from ..runtime import DistContext, is_fsdp
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_FILES = ("model.safetensors", "model_config.json", "trainer_state.json")
@@ -281,8 +285,6 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
     from safetensors.torch import load_file
 
     if not (Path(ckpt_dir) / "model.safetensors").is_file() and (Path(ckpt_dir) / SHARDED_DIR).is_dir():
-        from ..distributed import read_sharded_model_state
-
         state = read_sharded_model_state(ckpt_dir, model.config)  # an FSDP checkpoint, read in this process
     else:
         state = load_file(str(Path(ckpt_dir) / "model.safetensors"), device="cpu")
@@ -316,10 +318,8 @@ def load_checkpoint(path: str | Path, prefer: str = "best", device: str | torch.
 
         ckpt = nanomoe.load_checkpoint("runs/tiny-moe")   # best.json, else latest.json
         ids = ckpt.tokenizer.encode("Once upon a time")
-        out = ckpt.model.generate(torch.tensor([ids]), max_new_tokens=100)
+        out = generate(ckpt.model, torch.tensor([ids]), max_new_tokens=100)   # nanomoe.generation
     """
-    from ..model import GPT
-
     ckpt_dir = resolve_checkpoint(path, prefer)
     cfg = read_model_config(ckpt_dir)
     model = GPT(cfg)
@@ -327,8 +327,6 @@ def load_checkpoint(path: str | Path, prefer: str = "best", device: str | torch.
     model.to(device).eval()
     tokenizer = None
     if (ckpt_dir / "tokenizer.json").is_file():
-        from ..data.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json")
     train_config = read_json(ckpt_dir / "train_config.json") if (ckpt_dir / "train_config.json").is_file() else None
     data_meta = read_json(ckpt_dir / "data_meta.json") if (ckpt_dir / "data_meta.json").is_file() else None
@@ -383,3 +381,244 @@ def restore_rng_state(state: dict[str, Any] | None, rank: int = 0) -> bool:
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints of FSDP runs (torch.distributed.checkpoint, DCP)
+
+
+def unsharded_copy(model, model_config, ctx: DistContext, device: torch.device):
+    """A plain GPT with the full weights of FSDP `model`, on rank 0 (None on the others). Every rank
+    must call it (the weights are gathered). For sampling: the decoder calls blocks' submodules
+    directly, which FSDP's per-block hooks would not see. Needs the full fp32 model on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ctx.is_main:
+        return None
+    with torch.device("meta"):
+        copy = GPT(model_config)
+    state = retie_after_load(state, model_config)
+    copy.load_state_dict(state, assign=True)  # adopt the gathered tensors, no second allocation
+    if model_config.tie_embeddings:
+        copy.lm_head.weight = copy.tok_emb.weight
+    if model_config.position == "rope":  # derived buffers are not in state dicts
+        copy.rope_cos, copy.rope_sin = rope_cache(model_config)
+    return copy.to(device).eval()
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    name: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
+    model_config: ModelConfig,
+    trainer_state: dict[str, Any],
+    rng_state: dict[str, Any] | None = None,
+    train_config: dict[str, Any] | None = None,
+    tokenizer_json: str | None = None,
+    data_meta: dict[str, Any] | None = None,
+    pointers: dict[str, dict[str, Any]] | None = None,
+    keep_last: int = 0,
+    keep: bool = False,
+) -> Path:
+    """`save_checkpoint` for an FSDP model, called on every rank: each writes its shards of the
+    weights and AdamW state with DCP into `RUN/checkpoints/.tmp-<name>-sharded/sharded/`; rank 0
+    adds the JSON files, renames the directory to `<name>` and, after all ranks finished, updates
+    the pointers and prunes periodic checkpoints beyond `keep_last` (never `name` when `keep`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    final = root / name
+    tmp = root / f".tmp-{name}-sharded"  # the same name on every rank (a pid would differ)
+    already_saved = ctx.rank0_says(is_complete(final))  # the same step saved twice: pointers only
+    ok, reason = True, ""
+    if not already_saved:
+        if ctx.is_main:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                ok, reason = False, str(e)
+        if not ctx.rank0_says(ok):
+            raise CheckpointError(f"could not create {tmp}: {reason or 'see rank 0'}; free space or pass another --out")
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        try:
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED_DIR)
+        except (CheckpointException, OSError, RuntimeError, ValueError) as e:  # DCP gathers every rank's failure
+            if ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"could not write sharded checkpoint {final}: {e}. The previous checkpoints are intact; "
+                "free some space or pass another --out (on several nodes, --out must be a shared filesystem)"
+            ) from None
+        if ctx.is_main:
+            try:
+                write_checkpoint_files(
+                    tmp, model_config=model_config, trainer_state=trainer_state, rng_state=rng_state,
+                    train_config=train_config, tokenizer_json=tokenizer_json, data_meta=data_meta,
+                )
+                publish_checkpoint(tmp, final)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                ok, reason = False, str(e)
+    if ctx.is_main and ok:
+        try:
+            update_pointers(run_dir, final, pointers, trainer_state.get("step"))
+            prune_checkpoints(run_dir, keep_last, keep_names={name} if keep else set())
+        except OSError as e:
+            ok, reason = False, str(e)
+    if not ctx.rank0_says(ok):  # also the barrier: no rank moves on before the rename and pointers
+        raise CheckpointError(f"could not write checkpoint {final}: {reason or 'see rank 0'}. The previous "
+                              "checkpoints are intact; free some space or pass another --out")
+    return final
+
+
+def load_sharded_checkpoint_if_needed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir,
+                                      ctx: DistContext) -> bool:
+    """Load weights and AdamW state when the single-file path cannot: a sharded (DCP) checkpoint
+    into any strategy and world size (DCP reshards), or a single-file checkpoint into an FSDP model.
+    Returns False when the single-file path applies."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / SHARDED_DIR / ".metadata").is_file():
+        _load_dcp(model, optimizer, ckpt_dir / SHARDED_DIR, ctx)
+        return True
+    if is_fsdp(model):
+        _load_full_into_sharded(model, optimizer, ckpt_dir)
+        return True
+    return False
+
+
+def _load_dcp(model, optimizer, sharded_dir: Path, ctx: DistContext) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout this run wants
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        with _single_process_dcp_is_intended():
+            dcp.load(state, checkpoint_id=sharded_dir, no_dist=not ctx.enabled)
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:  # CheckpointException: a BaseException
+        raise CheckpointError(
+            f"could not read sharded checkpoint {sharded_dir.parent} ({_first_line(e)}); it is incomplete or "
+            "holds a different model (see its model_config.json)"
+        ) from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _load_full_into_sharded(model, optimizer, ckpt_dir: Path) -> None:
+    """A single-file checkpoint (one process or DDP) into an FSDP model: every rank reads the whole
+    file and keeps its shards. optimizer.pt numbers parameters in optimizer order; DCP wants names."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    state = retie_after_load(load_file(str(ckpt_dir / "model.safetensors"), device="cpu"), model.config)
+    check_weights({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, ckpt_dir)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state, options=options)
+    saved = load_optimizer_state(ckpt_dir)
+    if saved is None:
+        return
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {
+        "state": {names[i]: s for i, s in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def read_sharded_model_state(ckpt_dir: str | Path, model_config) -> dict[str, torch.Tensor]:
+    """The full model weights of a sharded checkpoint as CPU tensors, in one process (no process
+    group needed; safe to call on one rank of a distributed job). Needs RAM for the whole model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    sharded_dir = Path(ckpt_dir) / SHARDED_DIR
+    if not (sharded_dir / ".metadata").is_file():
+        raise CheckpointError(f"{ckpt_dir} has no sharded weights ({sharded_dir}/.metadata is missing)")
+    with torch.device("meta"):
+        template = GPT(model_config)
+    state = untie_for_save(
+        {k: torch.empty(v.shape, dtype=v.dtype) for k, v in template.state_dict().items()}, model_config
+    )
+    try:
+        with _single_process_dcp_is_intended():
+            dcp.load({"model": state}, checkpoint_id=sharded_dir, no_dist=True)
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:  # CheckpointException: a BaseException
+        raise CheckpointError(
+            f"could not read sharded checkpoint {ckpt_dir} ({_first_line(e)}); it is incomplete or holds a "
+            "different model than its model_config.json"
+        ) from None
+    return state
+
+
+def consolidate_checkpoint(path: str | Path, out: str | Path | None = None, *, prefer: str = "best",
+                           dtype: torch.dtype = torch.float32) -> Path:
+    """Write the full weights of a sharded checkpoint as model.safetensors, so `load_checkpoint`,
+    `nanomoe generate` and the exporters read it like any other.
+
+    Without `out`, model.safetensors is added to the checkpoint directory itself (resume still reads
+    the shards, which also hold the optimizer state). With `out`, a new directory gets the weights,
+    configs, tokenizer and trainer state: a checkpoint for generation and evaluation (resuming from
+    it restarts AdamW's moments). Returns the directory written.
+    """
+    from safetensors.torch import save_file
+
+    ckpt_dir = resolve_checkpoint(path, prefer=prefer)
+    model_config = read_model_config(ckpt_dir)
+    state = {k: v.to(dtype).contiguous() for k, v in read_sharded_model_state(ckpt_dir, model_config).items()}
+    metadata = {"format": "pt", "nanomoe": str(CHECKPOINT_FORMAT), "consolidated_from": str(ckpt_dir)}
+    if out is None:
+        target = ckpt_dir / "model.safetensors"
+        tmp = temporary_path(target)
+        try:
+            save_file(state, str(tmp), metadata=metadata)
+            replace_durably(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"could not write {target}: {e}; free some space or pass --out") from None
+        return ckpt_dir
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
+    tmp = temporary_dir(out)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
+        for name in ("model_config.json", "train_config.json", "tokenizer.json", "data_meta.json",
+                     "trainer_state.json"):  # trainer_state.json last: it marks a complete checkpoint
+            if (ckpt_dir / name).is_file():
+                shutil.copyfile(ckpt_dir / name, tmp / name)
+        publish_checkpoint(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {out}: {e}; free some space or choose another --out") from None
+    return out
+
+
+@contextlib.contextmanager
+def _single_process_dcp_is_intended():
+    """DCP warns when it reads without a process group; here that is the point."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _first_line(e: BaseException) -> str:
+    """The cause in one line; for DCP's CheckpointException, the first failing rank's error."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        rank, (cause, _) = next(iter(failures.items()))
+        return f"rank {rank}: {_first_line(cause)}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

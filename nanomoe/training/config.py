@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig, from_dict, load_config_file, parse_overrides, resolve_model_config
+from ..config import ModelConfig, from_dict, load_config_file, parse_overrides
 from ..errors import ConfigError
+from ..presets import resolve_model_config
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 PRECISIONS = ("bf16", "fp16", "fp32")

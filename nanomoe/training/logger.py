@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .plots import plot_run
+
 log = logging.getLogger("nanomoe.train")
 
 _PEAK_FLOPS: dict[tuple[str, str], float] = {}
@@ -183,24 +185,7 @@ class MetricsLogger:
             self._tb.close()
             self._tb = None
         if self.enabled and make_plots and self.metrics_path.is_file():
-            from .plots import plot_run
-
             try:
                 plot_run(self.run_dir)
             except Exception as e:  # a plotting problem must never cost a finished run
                 log.warning("could not draw plots: %s", e)
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Rows of metrics.jsonl; after a resume, the last row of each (kind, step) wins."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows: dict[tuple[str, int], dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash
-                    continue
-                rows[(row["kind"], row["step"])] = row
-    return sorted(rows.values(), key=lambda r: (r["step"], r["kind"]))

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .logger import read_metrics
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Rows of metrics.jsonl; after a resume, the last row of each (kind, step) wins."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows: dict[tuple[str, int], dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+                rows[(row["kind"], row["step"])] = row
+    return sorted(rows.values(), key=lambda r: (r["step"], r["kind"]))
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

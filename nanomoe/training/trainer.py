@@ -2,12 +2,12 @@
 honest evaluation, atomic checkpoints with exact resume, logging, and a clean stop on signals.
 
 Data parallelism plugs in through `DistContext` (rank-aware logging and saving, per-rank seeds,
-sharded data, reduced metrics) and `nanomoe.distributed.parallelize` (DDP / FSDP2 wrappers).
+sharded data, reduced metrics; nanomoe/runtime.py) and `nanomoe.parallelize` (activation
+checkpointing, FSDP2 / DDP wrappers, torch.compile, applied from outside the model).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -19,10 +19,14 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
+from ..data import BatchLoader, load_tokenizer, read_meta
 from ..errors import ConfigError, NanoMoEError
 from ..evaluation import bytes_per_token, evaluate
-from ..model import GPT, IGNORE_INDEX
+from ..generation import generate
+from ..model import IGNORE_INDEX
+from ..parallelize import build_model, no_sync, parallelize
 from ..params import flops_per_token
+from ..runtime import DistContext, autocast_context, full_value, is_fsdp, micro_batch_size, resolve_device
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .logger import MetricsLogger
@@ -33,25 +37,6 @@ log = logging.getLogger("nanomoe.train")
 
 class TrainingError(NanoMoEError):
     """Training cannot continue (e.g. the loss kept diverging)."""
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16/fp16 autocast for matrix products; fp32 math elsewhere (norms, softmax, loss, router)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -68,23 +53,6 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def apply_activation_checkpointing(model: GPT) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them.
-
-    The block's forward is wrapped per instance, so parameter names and checkpoints are unchanged.
-    The RNG state is replayed during recomputation, so dropout and noisy gating match.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        original = block.forward
-
-        def forward(*args, _original=original, **kwargs):
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
 
 
 @dataclass
@@ -141,8 +109,6 @@ def clip_grad_norm(parameters, max_norm: float, *, optimizer: torch.optim.Optimi
     max_norm <= 0: no clipping, just the norm. Returns the total norm as a plain tensor (gathered
     once from its shards under FSDP).
     """
-    from ..distributed import full_value
-
     if optimizer is not None:
         clear_grad_scale(optimizer)  # a factor left by an interrupted step must not scale this one
     params = [p for p in parameters if p.grad is not None]
@@ -173,9 +139,6 @@ class Trainer:
         resume_from: str | Path | None = None,
         dist=None,
     ) -> None:
-        from ..data import BatchLoader, load_tokenizer, read_meta
-        from ..distributed import DistContext
-
         self.cfg = train_config
         self.dist = dist or DistContext()
         self.run_dir = Path(run_dir)
@@ -202,8 +165,6 @@ class Trainer:
                 f"--set seq_len or raise --set block_size"
             )
         self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
-        from ..distributed import micro_batch_size
-
         if resume_from is not None:
             train_config = self.cfg = _keep_global_batch(train_config, resume_from, self.dist.world_size)
         self.batch_size = micro_batch_size(train_config, self.dist.world_size)  # per process and micro-step
@@ -228,16 +189,13 @@ class Trainer:
             raise ConfigError("the run has no length: pass --max-steps N or --set epochs=N")
 
         # --- model and optimizer ---
-        from ..distributed import build_model, is_fsdp, parallelize
-
         self.model_config = model_config
         # built on the meta device, sharded under FSDP, then initialized from train_config.seed:
         # identical initial weights on every rank and for every strategy
         self.model = build_model(model_config, train_config, self.dist, self.device)
 
+        # DDP's wrapper, compiled when asked (FSDP already sharded the model in place)
         self.train_model = parallelize(self.model, train_config, self.dist, self.device)
-        if train_config.compile:
-            self.train_model = torch.compile(self.train_model)
         self.optimizer = torch.optim.AdamW(
             optimizer_param_groups(self.model, train_config.weight_decay),
             lr=train_config.lr,
@@ -291,8 +249,6 @@ class Trainer:
 
     def save(self, *, best: bool = False, name: str | None = None, keep: bool = False) -> Path | None:
         """Save the current state as `latest` (and `best`); prune old periodic checkpoints."""
-        from ..distributed import save_sharded_checkpoint_if_needed
-
         # never reuse a checkpoint this run did not write (e.g. a later step of an abandoned branch)
         name = ckpt.unique_checkpoint_name(self.run_dir, name or ckpt.checkpoint_name(self.state.step), self._written)
         self._written.add(name)
@@ -301,8 +257,13 @@ class Trainer:
             pointers["best"] = {"val_loss": self.state.best_val_loss}
         # every rank's stream (dropout, noisy gating), so a resume at the same world size is exact
         rng_state = ckpt.combine_rank_rng_states(self.dist.gather_to_main(ckpt.capture_rng_state()))
-        if save_sharded_checkpoint_if_needed(self, name, pointers, keep=keep, rng_state=rng_state):
-            return self.run_dir / "checkpoints" / name
+        if is_fsdp(self.model):  # every rank writes its shards
+            return ckpt.save_sharded_checkpoint(
+                self.run_dir, name, model=self.model, optimizer=self.optimizer, ctx=self.dist,
+                model_config=self.model_config, trainer_state=self._trainer_state(), rng_state=rng_state,
+                train_config=self.cfg.to_dict(), tokenizer_json=self.tokenizer.to_json_str(),
+                data_meta=self.data_meta, pointers=pointers, keep_last=self.cfg.keep_last, keep=keep,
+            )
         if not self.dist.is_main:
             return None
         path = ckpt.save_checkpoint(
@@ -322,8 +283,6 @@ class Trainer:
         return path
 
     def _resume(self, path: Path) -> None:
-        from ..distributed import load_sharded_checkpoint_if_needed
-
         ckpt_dir = ckpt.resolve_checkpoint(path, prefer="latest")
         saved_cfg = ckpt.read_model_config(ckpt_dir)
         if saved_cfg != self.model_config:
@@ -332,7 +291,7 @@ class Trainer:
                 "model fields (the saved one is in model_config.json)"
             )
         state = ckpt.read_json(ckpt_dir / "trainer_state.json")
-        if not load_sharded_checkpoint_if_needed(self, ckpt_dir):
+        if not ckpt.load_sharded_checkpoint_if_needed(self.model, self.optimizer, ckpt_dir, self.dist):
             ckpt.load_model_weights(self.model, ckpt_dir)
             optimizer_state = ckpt.load_optimizer_state(ckpt_dir)
             if optimizer_state is not None:
@@ -377,8 +336,6 @@ class Trainer:
         n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
         n_total = self.dist.all_reduce_sum(torch.tensor([n_targets], dtype=torch.float64)).item()
         scale = self.dist.world_size / max(n_total, 1.0)  # DDP/FSDP average gradients over ranks
-
-        from ..distributed import no_sync
 
         loss_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
@@ -561,21 +518,19 @@ class Trainer:
     def sample(self, n: int | None = None, max_new_tokens: int | None = None, prompt: str | None = None,
                seed: int = 0) -> list[str]:
         """A few stories from the current model (temperature 0.8, top-k 50), as text."""
-        from ..distributed import is_fsdp, unsharded_copy
-
         n = self.cfg.samples if n is None else n
         if n <= 0:
             return []
         model = self.model
         if is_fsdp(model):  # every rank helps gather the weights; rank 0 samples from a plain copy
-            model = unsharded_copy(model, self.model_config, self.dist, self.device)
+            model = ckpt.unsharded_copy(model, self.model_config, self.dist, self.device)
         if not self.dist.is_main:
             return []
         prompt = self.cfg.sample_prompt if prompt is None else prompt
         ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
         idx = torch.tensor([ids] * n, device=self.device)
         with self.autocast():
-            out = model.generate(idx, max_new_tokens or self.cfg.sample_tokens, temperature=0.8, top_k=50,
+            out = generate(model, idx, max_new_tokens or self.cfg.sample_tokens, temperature=0.8, top_k=50,
                                  stop_id=self.tokenizer.eot_id, seed=seed)
         stories = []
         for row in out.tolist():
