@@ -214,6 +214,7 @@ SHARDED_INIT_WORKER = textwrap.dedent("""
     from torch.distributed.tensor import DTensor
     from nanomoe.parallelize import build_model
     from nanomoe.presets import get_preset
+    from nanomoe.runtime import DistContext
     from nanomoe.training.config import TrainConfig
     from nanomoe.training.trainer import optimizer_param_groups
 
