@@ -10,7 +10,9 @@ Layers, from the bottom up:
   builds it once and reuses it for every token; on the CPU models run it as one C++ call instead
   (nanomoe/native.py).
 - `stream`: the token loop, one `Step` per new token position, with early stop per row.
-- `generate` returns a (B, T + new) tensor; `generate_batch` takes
+- `generate` returns a (B, T + new) tensor (also `model.generate(...)`, through `GenerationMixin`,
+  which `GPT` inherits; this module needs the model class only for type hints, so the model file
+  can import it); `generate_batch` takes
   prompts of different lengths and returns each row's new tokens; `stream_text` adds incremental
   detokenization and stop strings for the CLI and the chat.
 
@@ -25,14 +27,17 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .model import GPT
 from .native import native_decode_available, native_decode_step
 from .ops import apply_rope
+
+if TYPE_CHECKING:
+    from .model import GPT
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
@@ -516,6 +521,14 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature:
         return idx
     new = torch.tensor(columns, dtype=idx.dtype, device=idx.device).t()  # (B, new)
     return torch.cat([idx, new], dim=1)
+
+
+class GenerationMixin:
+    """`model.generate(idx, max_new_tokens, ...)`: the original NanoGPT-MoE TinyStories project's
+    call, kept for its users (and nanoGPT's and Hugging Face's): the same as `generate(model, ...)`."""
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        return generate(self, idx, max_new_tokens, **options)
 
 
 # ---------------------------------------------------------------------------------------------

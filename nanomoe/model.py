@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .generation import GenerationMixin
 from .moe import GroupedExperts, MoEFeedForward, MoEStats, Router, ffn_activation
 from .ops import RMSNorm, apply_rope, attention_heads, causal_attention_probs, cross_entropy_sum
 
@@ -198,7 +199,7 @@ class Block(nn.Module):
 # The model
 
 
-class GPT(nn.Module):
+class GPT(GenerationMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

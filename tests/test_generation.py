@@ -96,6 +96,14 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(arch):
         assert generate(model, torch.tensor([p]), 25, temperature=0)[0, len(p):].tolist() == new
 
 
+def test_model_generate_is_generate():
+    # the original NanoGPT-MoE TinyStories project's call: model.generate(idx, max_new_tokens, ...)
+    model = make_model("moe")
+    idx = torch.randint(4, 512, (2, 5), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model.generate(idx, 12, temperature=0.9, top_k=20, seed=5),
+                       generate(model, idx, 12, temperature=0.9, top_k=20, seed=5))
+
+
 def test_top_k_1_equals_greedy():
     model = make_model()
     idx = torch.randint(4, 512, (3, 5), generator=torch.Generator().manual_seed(2))
