@@ -28,6 +28,14 @@ def temporary_dir(path: Path) -> Path:
     return path.with_name(f".tmp-{path.name}-{os.getpid()}")
 
 
+def usual_permissions(path: Path) -> None:
+    """rw for the owner, r for others as the umask allows: what open() gives, and not the 0600 some
+    writers (safetensors' save_file) leave."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .atomic_io import temporary_dir
+from .atomic_io import temporary_dir, usual_permissions
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -360,16 +360,39 @@ def export_hf(model, tokenizer, out_dir, *, dtype: str = "float32", overwrite: b
         provenance = {"format": EXPORT_FORMAT, "nanomoe_version": __version__,
                       "architecture": config["architectures"][0],
                       "dtype": dtype, "tokenizer_sha256": tokenizer.sha256, "model_config": cfg.to_dict(), **info}
+        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        provenance["files"] = written + [EXPORT_MARKER]
         (tmp / EXPORT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                usual_permissions(f)
         if out.exists():
+            _refuse_foreign_files(out, set(provenance["files"]))
             old = out.parent / f".old-{out.name}-{os.getpid()}"
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except ConfigError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"could not write the export to {out}: {e.strerror or e}; free some space or choose "
                           "another --out") from None
     return out
+
+
+def _refuse_foreign_files(out: Path, ours: set[str]) -> None:
+    """--force replaces an earlier export, never files the user put beside it."""
+    try:
+        earlier = json.loads((out / EXPORT_MARKER).read_text()).get("files") or []
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    known = ours | set(earlier)
+    foreign = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
+                     and p.relative_to(out).as_posix() not in known)
+    if foreign:
+        raise ConfigError(f"--out {out} holds files the earlier export did not write ({', '.join(foreign[:5])}); "
+                          "move them elsewhere or choose another --out (--force only replaces nanomoe's own files)")

@@ -17,6 +17,7 @@ for the CPU it runs on (-march=native: AVX512-BF16 dot products and AMX tiles wh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -95,11 +96,34 @@ def build_extension(flags: list[str]):
     source_hash = hashlib.sha1(code + " ".join(flags).encode()).hexdigest()[:8]
     name = f"nanomoe_native_{_cpu_tag()}_{source_hash}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    _warn_of_a_stale_lock(build_dir / "lock")
-    if not any(build_dir.glob("*.so")):
-        print("nanomoe: building the native kernels (once per machine, ~30-60 s)...", file=sys.stderr)
-    return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], verbose=False)
+    with _build_lock(build_dir):
+        _warn_of_a_stale_lock(build_dir / "lock")
+        if not any(build_dir.glob("*.so")):
+            print("nanomoe: building the native kernels (once per machine, ~30-60 s)...", file=sys.stderr)
+        return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], verbose=False)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Builds take flock(2) on nanomoe.lock, which the kernel releases however the builder ends; so
+    whoever holds it knows torch's own `lock` file (which torch waits on forever) is stale when it
+    finds one, and removes it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's lock alone
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "nanomoe.lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            if (build_dir / "lock").exists():
+                print(f"nanomoe: removing {build_dir / 'lock'}, left by a build that was killed", file=sys.stderr)
+                (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def load_extension():

@@ -87,6 +87,7 @@ def cmd_train(args) -> int:
     from ..runtime import DistContext, resolve_device
     from ..training import checkpoint as ckpt
     from ..training.config import TrainConfig, resolve_train_config, split_overrides
+    from ..training.run_lock import LOCK_FILE, RunLock
     from ..training.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -104,7 +105,7 @@ def cmd_train(args) -> int:
         run_or_ckpt = Path(args.resume if args.resume != "latest" else (args.out or ""))
         if not str(run_or_ckpt):
             raise ConfigError("--resume needs a run dir: --resume RUN (or --out RUN --resume)")
-        ckpt_dir = ckpt.resolve_checkpoint(run_or_ckpt, prefer="latest")
+        ckpt_dir = ckpt.resolve_for_resume(run_or_ckpt)
         run_dir = Path(args.out) if args.out else ckpt_dir.parent.parent
         model_cfg = ckpt.read_model_config(ckpt_dir)
         if model_overrides:
@@ -146,14 +147,19 @@ def cmd_train(args) -> int:
         keep_freed_memory()  # reuse activation memory across steps instead of page-faulting it anew
     ctx = DistContext.from_env(device_type)
     new_dir = not run_dir.exists()
+    lock = RunLock(run_dir)  # taken by the main process only
     try:
         if ctx.is_main:
             _check_writable(run_dir)
+            lock.acquire()
         try:
-            trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, resume_from=resume_from, dist=ctx)
+            trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, resume_from=resume_from, dist=ctx,
+                              reset_missing_state=args.reset_missing_state)
         except NanoMoEError:
             if ctx.is_main and new_dir:  # refused before anything was written: leave no empty --out behind
+                lock.release()
                 with contextlib.suppress(OSError):
+                    (run_dir / LOCK_FILE).unlink()
                     run_dir.rmdir()
             raise
         result = trainer.fit()
@@ -171,6 +177,7 @@ def cmd_train(args) -> int:
                       f"padding excluded; run dir: {run_dir}")
         return 130 if result["stopped"] else 0
     finally:
+        lock.release()
         ctx.shutdown()
 
 
@@ -191,3 +198,6 @@ def register(subparsers) -> None:
     p.add_argument("--strategy", choices=["single", "ddp", "fsdp"], help="data parallelism under torchrun")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--reset-missing-state", action="store_true",
+                   help="on --resume, start AdamW and the RNG afresh when the checkpoint lacks optimizer.pt or "
+                   "rng.pt (otherwise that is an error: the resume would not be exact)")

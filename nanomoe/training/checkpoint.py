@@ -16,11 +16,14 @@ Layout of a run directory:
           train_config.json            TrainConfig
           tokenizer.json               the tokenizer the data was encoded with
           data_meta.json               meta.json of the data dir (bytes per token, ...)
+          manifest.json                size and sha256 of every file above, written last (manifest.py)
       latest.json, best.json         pointers: {"checkpoint": "checkpoints/step-00000500", ...}
 
 A checkpoint directory is written under a temporary name, flushed to disk, then renamed; pointers
 are replaced with os.replace. A crash (even kill -9) at any moment leaves the previous pointer and
-the directory it names intact. Nothing here unpickles arbitrary objects.
+the directory it names intact. Nothing here unpickles arbitrary objects (sharded metadata goes
+through nanomoe/safe_dcp.py). Every load checks the manifest's sizes; resume and
+`nanomoe checkpoint verify` check its hashes too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import time
@@ -37,14 +41,20 @@ from typing import Any
 
 import torch
 
-from ..atomic_io import fsync_dir, fsync_file, replace_durably, temporary_dir, temporary_path, write_json_atomic
+from ..atomic_io import (
+    fsync_dir, fsync_file, replace_durably, temporary_dir, temporary_path, usual_permissions, write_json_atomic,
+)
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer
+from .. import safe_dcp
 from ..errors import CheckpointError
 from ..model import GPT, rope_cache
 from ..runtime import DistContext, is_fsdp
+from . import manifest
 
-CHECKPOINT_FORMAT = 1
+log = logging.getLogger("nanomoe.checkpoint")
+
+CHECKPOINT_FORMAT = 2  # 2: carries manifest.json
 REQUIRED_FILES = ("model.safetensors", "model_config.json", "trainer_state.json")
 SHARDED_DIR = "sharded"  # DCP weights + optimizer state of FSDP runs, in place of model.safetensors
 
@@ -175,7 +185,12 @@ def write_checkpoint_files(
 
 
 def publish_checkpoint(tmp: Path, final: Path) -> None:
-    """Flush a fully written temporary checkpoint directory to disk and rename it to `final`."""
+    """Record the manifest of a fully written temporary checkpoint directory, flush it to disk and
+    rename it to `final`."""
+    for f in Path(tmp).rglob("*"):
+        if f.is_file():
+            usual_permissions(f)
+    manifest.write_manifest(tmp)
     for f in Path(tmp).rglob("*"):
         if f.is_file():
             fsync_file(f)
@@ -213,10 +228,21 @@ def clean_incomplete(run_dir: str | Path) -> None:
 
 
 def pointed(run_dir: str | Path, pointer: str) -> Path | None:
+    """The checkpoint directory `RUN/<pointer>.json` names; it must lie in RUN/checkpoints/."""
     path = Path(run_dir) / f"{pointer}.json"
     if not path.is_file():
         return None
-    return Path(run_dir) / read_json(path)["checkpoint"]
+    data = read_json(path)
+    target = data.get("checkpoint") if isinstance(data, dict) else None
+    if not isinstance(target, str) or not target:
+        raise CheckpointError(f"{path} is damaged (no \"checkpoint\" entry); delete it and pass a checkpoints/step-* "
+                              "directory instead")
+    root = (Path(run_dir) / "checkpoints").resolve()
+    resolved = (Path(run_dir) / target).resolve()
+    if resolved.parent != root:
+        raise CheckpointError(f"{path} names {target}, which is not a checkpoint of this run "
+                              f"(it must be in {Path(run_dir) / 'checkpoints'}); fix or delete the pointer")
+    return Path(run_dir) / "checkpoints" / resolved.name
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_names: set[str] = frozenset()) -> None:
@@ -235,8 +261,15 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_names: set[str] 
             shutil.rmtree(d, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
-    """A checkpoint directory from a run dir (via best.json / latest.json) or a checkpoint dir."""
+def resolve_checkpoint(path: str | Path, prefer: str = "best", *, hashes: bool = False) -> Path:
+    """A checkpoint directory from a run dir (via best.json / latest.json) or a checkpoint dir,
+    checked against its manifest (sizes; sha256 too with `hashes`)."""
+    target = _resolve_unverified(path, prefer)
+    verify_checkpoint(target, hashes=hashes)
+    return target
+
+
+def _resolve_unverified(path: str | Path, prefer: str) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
@@ -247,12 +280,76 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
         target = pointed(path, pointer)
         if target is not None:
             if not is_complete(target):
-                raise CheckpointError(f"{path}/{pointer}.json names {target}, which is incomplete or missing")
+                good = newest_verified(path, hashes=False)
+                offer = f"; the newest complete checkpoint is {good}" if good else ""
+                raise CheckpointError(f"{path}/{pointer}.json names {target}, which is incomplete or missing{offer}")
             return target
     raise CheckpointError(
         f"{path} is neither a checkpoint (no {', '.join(REQUIRED_FILES)}) nor a run directory "
         "(no best.json or latest.json); pass the --out of a training run or one of its checkpoints/step-* dirs"
     )
+
+
+def verify_checkpoint(ckpt_dir: Path, *, hashes: bool) -> None:
+    """CheckpointError naming the damaged file(s) of `ckpt_dir`, and offering the newest checkpoint
+    of the run that verifies."""
+    found = checkpoint_problems(ckpt_dir, hashes=hashes)
+    if found:
+        run_dir = Path(ckpt_dir).parent.parent
+        good = newest_verified(run_dir, hashes=hashes, exclude={Path(ckpt_dir).name})
+        offer = f" The newest checkpoint that verifies is {good}: pass that instead." if good else ""
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {'; '.join(found[:3])}.{offer}")
+
+
+def checkpoint_problems(ckpt_dir: Path, *, hashes: bool) -> list[str]:
+    """What is wrong with `ckpt_dir` ([] when it verifies)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not manifest.has_manifest(ckpt_dir):
+        state = read_json(ckpt_dir / "trainer_state.json")
+        if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] >= 2:
+            return [f"{manifest.MANIFEST} is missing (checkpoints of this format always carry one)"]
+        return []  # written before manifests: nothing to check against
+    return manifest.problems(ckpt_dir, hashes=hashes)
+
+
+def newest_verified(run_dir: str | Path, *, hashes: bool, exclude: set[str] = frozenset()) -> Path | None:
+    """The checkpoint of `run_dir` with the highest step that is complete and verifies."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = []
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and d.name not in exclude and is_complete(d):
+            try:
+                step = int(read_json(d / "trainer_state.json").get("step", -1))
+            except (CheckpointError, AttributeError, TypeError, ValueError):
+                continue
+            candidates.append((step, d.stat().st_mtime, d))
+    for _, _, d in sorted(candidates, reverse=True):
+        try:
+            if not checkpoint_problems(d, hashes=hashes):
+                return d
+        except CheckpointError:
+            continue
+    return None
+
+
+def resolve_for_resume(path: str | Path) -> Path:
+    """The checkpoint to resume from: the run's latest, fully verified (sha256). If it is damaged
+    and `path` is a run directory, the newest checkpoint that verifies, saying so."""
+    target = _resolve_unverified(path, "latest")
+    found = checkpoint_problems(target, hashes=True)
+    if not found:
+        return target
+    if Path(path).resolve() == target.resolve():  # the user named this checkpoint: do not swap it
+        verify_checkpoint(target, hashes=True)
+    good = newest_verified(path, hashes=True, exclude={target.name})
+    if good is None:
+        raise CheckpointError(f"checkpoint {target} is damaged ({'; '.join(found[:3])}) and no other checkpoint of "
+                              f"{path} verifies; start a new run")
+    log.warning("checkpoint %s is damaged (%s); resuming from %s, the newest checkpoint that verifies",
+                target, "; ".join(found[:3]), good)
+    return good
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,13 +439,34 @@ def load_checkpoint(path: str | Path, prefer: str = "best", device: str | torch.
 
 
 def load_optimizer_state(ckpt_dir: Path) -> dict | None:
-    path = Path(ckpt_dir) / "optimizer.pt"
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    return _load_tensors(Path(ckpt_dir) / "optimizer.pt")
 
 
 def load_rng_state(ckpt_dir: Path) -> dict | None:
-    path = Path(ckpt_dir) / "rng.pt"
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    return _load_tensors(Path(ckpt_dir) / "rng.pt")
+
+
+def _load_tensors(path: Path) -> dict | None:
+    """A torch.save'd dict of tensors and numbers (never arbitrary objects); None when absent."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, damaged, or holding objects weights_only refuses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path} ({first[:200]}); it is damaged or was not written by nanomoe: "
+                              "resume from an earlier checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict; it was not written by nanomoe")
+    return state
+
+
+def load_into_optimizer(optimizer: torch.optim.Optimizer, state: dict, ckpt_dir: Path) -> None:
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{Path(ckpt_dir) / 'optimizer.pt'} belongs to another model ({e}); resume from a "
+                              "checkpoint of this run") from None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -377,7 +495,11 @@ def restore_rng_state(state: dict[str, Any] | None, rank: int = 0) -> bool:
         state = state["ranks"][rank]
     elif rank != 0:  # checkpoints before per-rank states held rank 0's only
         return False
-    torch.set_rng_state(state["torch"])
+    try:
+        torch.set_rng_state(state["torch"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"rng.pt does not hold torch RNG states ({type(e).__name__}: {e}); it was not written "
+                              "by nanomoe") from None
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     return True
@@ -496,7 +618,6 @@ def load_sharded_checkpoint_if_needed(model: torch.nn.Module, optimizer: torch.o
 
 
 def _load_dcp(model, optimizer, sharded_dir: Path, ctx: DistContext) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -504,7 +625,7 @@ def _load_dcp(model, optimizer, sharded_dir: Path, ctx: DistContext) -> None:
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with _single_process_dcp_is_intended():
-            dcp.load(state, checkpoint_id=sharded_dir, no_dist=not ctx.enabled)
+            safe_dcp.load(state, sharded_dir, no_dist=not ctx.enabled)
     except (CheckpointException, OSError, RuntimeError, ValueError) as e:  # CheckpointException: a BaseException
         raise CheckpointError(
             f"could not read sharded checkpoint {sharded_dir.parent} ({_first_line(e)}); it is incomplete or "
@@ -538,7 +659,6 @@ def _load_full_into_sharded(model, optimizer, ckpt_dir: Path) -> None:
 def read_sharded_model_state(ckpt_dir: str | Path, model_config) -> dict[str, torch.Tensor]:
     """The full model weights of a sharded checkpoint as CPU tensors, in one process (no process
     group needed; safe to call on one rank of a distributed job). Needs RAM for the whole model."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     sharded_dir = Path(ckpt_dir) / SHARDED_DIR
@@ -551,7 +671,7 @@ def read_sharded_model_state(ckpt_dir: str | Path, model_config) -> dict[str, to
     )
     try:
         with _single_process_dcp_is_intended():
-            dcp.load({"model": state}, checkpoint_id=sharded_dir, no_dist=True)
+            safe_dcp.load({"model": state}, sharded_dir, no_dist=True)
     except (CheckpointException, OSError, RuntimeError, ValueError) as e:  # CheckpointException: a BaseException
         raise CheckpointError(
             f"could not read sharded checkpoint {ckpt_dir} ({_first_line(e)}); it is incomplete or holds a "
@@ -581,7 +701,9 @@ def consolidate_checkpoint(path: str | Path, out: str | Path | None = None, *, p
         tmp = temporary_path(target)
         try:
             save_file(state, str(tmp), metadata=metadata)
+            usual_permissions(tmp)
             replace_durably(tmp, target)
+            manifest.write_manifest(ckpt_dir)  # it now holds model.safetensors too
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise CheckpointError(f"could not write {target}: {e}; free some space or pass --out") from None

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..data import BatchLoader, load_tokenizer, read_meta
-from ..errors import ConfigError, NanoMoEError
+from ..data import BatchLoader, check_compatible, load_tokenizer, read_meta
+from ..errors import CheckpointError, ConfigError, NanoMoEError
 from ..evaluation import bytes_per_token, evaluate
 from ..generation import generate
 from ..model import IGNORE_INDEX
@@ -68,11 +68,14 @@ class TrainState:
 
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits.
-    A second Ctrl-C interrupts immediately."""
+    A second Ctrl-C interrupts immediately, except while that final checkpoint is being written
+    (`saving`): then further signals wait for the save, and the user is told so once."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
+        self.saving = False
+        self._told_waiting = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -84,6 +87,12 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.saving:
+            if not self._told_waiting:
+                self._told_waiting = True
+                log.warning("%s received while the final checkpoint is being written: waiting for it to finish",
+                            signal.Signals(signum).name)
+            return
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
@@ -138,8 +147,10 @@ class Trainer:
         *,
         resume_from: str | Path | None = None,
         dist=None,
+        reset_missing_state: bool = False,
     ) -> None:
         self.cfg = train_config
+        self.reset_missing_state = reset_missing_state
         self.dist = dist or DistContext()
         self.run_dir = Path(run_dir)
         self.data_dir = Path(data_dir)
@@ -291,16 +302,23 @@ class Trainer:
                 "model fields (the saved one is in model_config.json)"
             )
         state = ckpt.read_json(ckpt_dir / "trainer_state.json")
+        if (ckpt_dir / "tokenizer.json").is_file():  # the data must be encoded as the weights expect
+            check_compatible(self.data_dir, tokenizer=load_tokenizer(ckpt_dir / "tokenizer.json"))
         if not ckpt.load_sharded_checkpoint_if_needed(self.model, self.optimizer, ckpt_dir, self.dist):
             ckpt.load_model_weights(self.model, ckpt_dir)
             optimizer_state = ckpt.load_optimizer_state(ckpt_dir)
             if optimizer_state is not None:
-                self.optimizer.load_state_dict(optimizer_state)
+                ckpt.load_into_optimizer(self.optimizer, optimizer_state, ckpt_dir)
+            else:
+                self._missing_state(ckpt_dir, "optimizer.pt", "AdamW's moments")
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         restored = False
         if state.get("world_size", 1) == self.dist.world_size:
-            restored = ckpt.restore_rng_state(ckpt.load_rng_state(ckpt_dir), rank=self.dist.rank)
+            rng_state = ckpt.load_rng_state(ckpt_dir)
+            if rng_state is None:
+                self._missing_state(ckpt_dir, "rng.pt", "the random number streams")
+            restored = ckpt.restore_rng_state(rng_state, rank=self.dist.rank)
         if not restored:  # another world size (or an old checkpoint): fresh, distinct streams per rank
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.dist.rank + state["step"])
         self.train_loader.load_state_dict(state["loader"])
@@ -315,6 +333,14 @@ class Trainer:
             last_eval=state.get("last_eval", {}),
         )
         log.info("resumed from %s at step %d", ckpt_dir, self.state.step)
+
+    def _missing_state(self, ckpt_dir: Path, name: str, what: str) -> None:
+        if not self.reset_missing_state:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} has no {name}: resuming would restart {what} and not continue the run "
+                "exactly. Pass --reset-missing-state to resume anyway with fresh state"
+            )
+        log.warning("checkpoint %s has no %s: starting %s afresh (--reset-missing-state)", ckpt_dir, name, what)
 
     # ------------------------------------------------------------------------------------------
     # one optimizer step
@@ -473,10 +499,13 @@ class Trainer:
                 if cfg.save_epochs and is_epoch_end:
                     self.save(name=f"epoch-{state.step // self.steps_per_epoch:04d}", keep=True)
                     self.save()
-        progress.close()
+            progress.close()
+            if paused:  # still under the handlers: a second signal must not cut this save short
+                stop.saving = True
+                self.save()
+                stop.saving = False
 
         if paused:
-            self.save()
             log.warning("stopped by %s at step %d; resume with --resume %s", stop.signal_name or "request",
                         state.step, self.run_dir)
         elif state.last_eval.get("step") != state.step:
