@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import TextIO
 
+from .checked import number
 from .errors import ConfigError
 
 HELP = """\
@@ -251,12 +252,9 @@ class ChatSession:
 
 def _parse(text: str, kind, what: str, low=None, high=None):
     try:
-        value = kind(text)
-    except ValueError:
+        return number(text, what, kind, minimum=low, maximum=high)
+    except ConfigError:
         raise ConfigError(f"expected {what}, got {text!r}") from None
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"expected {what}, got {text!r}")
-    return value
 
 
 def _parse_optional(text: str, kind, what: str, low=None, high=None):
@@ -273,6 +271,8 @@ def run(session: ChatSession, lines: Iterable[str] | None = None, *, interactive
             if not session.handle(line):
                 break
         return 0
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, not a dead session
+        sys.stdin.reconfigure(errors="replace")
     if interactive is None:
         interactive = sys.stdin.isatty()
     if not interactive:  # a pipe or a file: no prompt, every line echoed so the transcript reads well

@@ -8,6 +8,7 @@ read back from JSON equals the one that was written.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic_io import write_text_atomic
+from .checked import number
 from .errors import ConfigError
 
 POSITIONS = ("learned", "rope")
@@ -175,17 +177,55 @@ def _nearest_divisor(n: int, near: int) -> int:
 # errors, and `--set key=value` overrides parsed by the field's declared type.
 
 
+def closest(name: str, valid) -> str:
+    """' (did you mean X?)' for the valid name nearest a misspelt one, or ''."""
+    match = difflib.get_close_matches(str(name), sorted(valid), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def from_dict(cls: type, data: dict[str, Any]):
+    """`cls(**data)` with every key known and every value of its field's declared type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {cls.__name__} must be a table of field = value, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise ConfigError(
-            f"unknown {cls.__name__} field(s) {unknown}; valid fields are: {', '.join(sorted(names))}"
+            f"unknown {cls.__name__} field {unknown[0]!r}{closest(unknown[0], names)}; valid fields are: "
+            f"{', '.join(sorted(names))}"
         )
+    hints = _field_types(cls)
+    data = {k: check_value(cls, k, hints[k], v) for k, v in data.items()}
     try:
         return cls(**data)
     except TypeError as e:  # missing required fields
         raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def check_value(cls: type, key: str, hint: Any, value: Any) -> Any:
+    """`value` if it fits field `key`'s declared type (an int is a fine float; numbers finite)."""
+    allowed = list(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    if value is None and type(None) in allowed:
+        return None
+    for typ in allowed:
+        if typ is bool and isinstance(value, bool):
+            return value
+        if typ in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                continue
+            if isinstance(value, str):  # YAML reads 3e-4 as a string
+                try:
+                    number(value, key, typ)
+                except ConfigError:
+                    continue
+            return number(value, f"{cls.__name__} field {key}", typ)
+        if typ is str and isinstance(value, str):
+            return value
+        if typing.get_origin(typ) in (list, tuple) and isinstance(value, (list, tuple)):
+            return value
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}
+    expected = " or ".join(names.get(t, str(t)) for t in allowed)
+    raise ConfigError(f"{cls.__name__} field {key} must be {expected}, got {value!r}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -203,6 +243,7 @@ def parse_value(cls: type, key: str, raw: str) -> Any:
         allowed = [a for a in typing.get_args(hint)]
     if raw.lower() in ("none", "null") and type(None) in allowed:
         return None
+    error: Exception | None = None
     for typ in allowed:
         if typ is type(None):
             continue
@@ -214,16 +255,17 @@ def parse_value(cls: type, key: str, raw: str) -> Any:
                 if low in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(raw)
-            if typ is int:
-                return int(raw)
-            if typ is float:
-                return float(raw)
+            if typ in (int, float):
+                return number(raw, key, typ)
             if typ is str:
                 return raw
             if typing.get_origin(typ) in (list, tuple):
                 return json.loads(raw)
-        except ValueError:
+        except (ValueError, ConfigError) as e:
+            error = e
             continue
+    if isinstance(error, ConfigError):
+        raise ConfigError(f"--set {key}={raw}: {error}")
     raise ConfigError(f"cannot parse {key}={raw!r}: expected {hint}")
 
 
@@ -247,25 +289,51 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
     try:
+        text = path.read_text()
         if path.suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
 
-            return tomllib.loads(text)
-        if path.suffix in (".yaml", ".yml"):
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
-            return data or {}
-        if path.suffix == ".json":
-            return json.loads(text)
-    except Exception as e:  # parse errors of any of the three formats
-        raise ConfigError(f"cannot parse config file {path}: {e}") from None
-    raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # parse errors of any of the three formats, and text that is not UTF-8
+        raise ConfigError(f"cannot parse config file {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+    check_sections(data, path)
+    return data
+
+
+SECTIONS = ("preset", "recipe", "model", "train")  # what a config file may hold at the top
+
+
+def check_sections(data: Any, path: Path) -> None:
+    """A config file holds the sections above, or is a bare model config (a model_config.json)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of sections ({', '.join(SECTIONS)}), "
+                          f"not a {type(data).__name__}")
+    model_fields = field_names(ModelConfig)
+    if data and set(data) <= model_fields:
+        return
+    for key in data:
+        if key in SECTIONS:
+            if key in ("model", "train") and not isinstance(data[key], dict):
+                raise ConfigError(f"config file {path}: [{key}] must be a table of field = value")
+            continue
+        if key in model_fields:
+            hint = f"; {key} is a model field: put it under [model]"
+        else:
+            hint = closest(key, SECTIONS) or f"; training fields go under [train]"
+        raise ConfigError(f"config file {path}: unknown section or key {key!r}{hint}. Valid top-level names: "
+                          f"{', '.join(SECTIONS)}")
 
 
 __all__ = [

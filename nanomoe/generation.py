@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .checked import number
 from .errors import ConfigError
 from .native import native_decode_available, native_decode_step
 from .ops import apply_rope
@@ -51,7 +52,11 @@ def random_seed() -> int:
 
 def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                    repetition_penalty: float = 1.0) -> None:
-    """Raise ConfigError for sampling settings that make no sense."""
+    """Raise ConfigError for sampling settings that make no sense (nan and inf included)."""
+    number(temperature, "temperature")
+    number(repetition_penalty, "repetition_penalty")
+    if top_p is not None:
+        number(top_p, "top_p")
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:

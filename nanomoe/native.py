@@ -73,18 +73,6 @@ def _put_ninja_on_path() -> None:
             return
 
 
-def _warn_of_a_stale_lock(lock: Path, stale_after_s: float = 600) -> None:
-    """torch waits without a timeout on the lock file of a build in progress; a build killed hard
-    (kill -9, out of memory) leaves it behind and every later build waits forever."""
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except OSError:
-        return
-    if age > stale_after_s:
-        print(f"nanomoe: waiting for {lock} ({age / 60:.0f} min old); if no other build is running, an "
-              "interrupted one left it: delete it", file=sys.stderr)
-
-
 def build_extension(flags: list[str]):
     """Build (or load the cached build of) the extension with these compiler flags."""
     from torch.utils import cpp_extension
@@ -93,11 +81,12 @@ def build_extension(flags: list[str]):
     # one build per source version, flags and kind of CPU: two checkouts (or a CI run next to a dev
     # tree) sharing ~/.cache never load or rebuild each other's extension
     code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    source_hash = hashlib.sha1(code + " ".join(flags).encode()).hexdigest()[:8]
+    # the checkout's path too: torch's build file names it, so two checkouts sharing a build dir
+    # would rebuild it in turn each time the other one loads
+    source_hash = hashlib.sha1(code + " ".join(flags).encode() + str(CSRC.resolve()).encode()).hexdigest()[:8]
     name = f"nanomoe_native_{_cpu_tag()}_{source_hash}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     with _build_lock(build_dir):
-        _warn_of_a_stale_lock(build_dir / "lock")
         if not any(build_dir.glob("*.so")):
             print("nanomoe: building the native kernels (once per machine, ~30-60 s)...", file=sys.stderr)
         return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=flags,
@@ -105,22 +94,31 @@ def build_extension(flags: list[str]):
 
 
 @contextlib.contextmanager
-def _build_lock(build_dir: Path):
-    """Builds take flock(2) on nanomoe.lock, which the kernel releases however the builder ends; so
-    whoever holds it knows torch's own `lock` file (which torch waits on forever) is stale when it
-    finds one, and removes it."""
+def _build_lock(build_dir: Path, stale_after_s: float = 600):
+    """Builds and loads take flock(2) on nanomoe.lock, which the kernel releases however the holder
+    ends. torch's own `lock` file, which torch waits on without a timeout, is then waited for here
+    instead, and removed once it is older than any build takes: a build killed hard left it."""
     try:
         import fcntl
     except ImportError:  # Windows: torch's lock alone
         yield
         return
     build_dir.mkdir(parents=True, exist_ok=True)
+    torch_lock = build_dir / "lock"
     with open(build_dir / "nanomoe.lock", "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            if (build_dir / "lock").exists():
-                print(f"nanomoe: removing {build_dir / 'lock'}, left by a build that was killed", file=sys.stderr)
-                (build_dir / "lock").unlink(missing_ok=True)
+            while torch_lock.exists():
+                try:
+                    age = time.time() - torch_lock.stat().st_mtime
+                except OSError:  # released just now
+                    break
+                if age > stale_after_s:
+                    print(f"nanomoe: removing {torch_lock} ({age / 60:.0f} min old), left by a build that was "
+                          "killed", file=sys.stderr)
+                    torch_lock.unlink(missing_ok=True)
+                    break
+                time.sleep(0.5)
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -12,3 +12,26 @@ def native_extension():
     if extension is None:
         pytest.skip(f"the native kernels did not build: {native._build_error}")
     return extension
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small built-in story corpus with a 512-token BPE tokenizer, prepared once per session."""
+    from nanomoe.data import prepare_data
+
+    return prepare_data("builtin:0.4", tmp_path_factory.mktemp("tiny-data") / "stories", vocab_size=512,
+                        progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data):
+    """A finished debug-preset run with checkpoints at steps 2 and 4 (latest and best: step 4),
+    trained once per session; tests copy it (hostile_helpers.copy_run) before changing anything."""
+    from nanomoe.cli import main
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    code = main(["train", "--preset", "debug", "--recipe", "debug", "--data", str(tiny_data), "--out", str(run),
+                 "--max-steps", "4", "--no-progress", "--set", "block_size=32", "--set", "save_every=2",
+                 "--set", "eval_every=4", "--set", "keep_last=5", "--set", "samples=0", "--set", "log_every=1"])
+    assert code == 0
+    return run

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    for item in sys.argv[1:] if argv is None else argv:
+        try:
+            str(item).encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+            shown = str(item).encode("utf-8", "replace").decode()
+            print(f"nanomoe: error: argument {shown!r} is not valid UTF-8 text; pass text in UTF-8", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
@@ -70,4 +77,28 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:  # anything nanomoe did not turn into a NanoMoEError: still one line
+        import os
+
+        if os.environ.get("NANOMOE_TRACEBACK"):
+            raise
+        print(f"nanomoe: error: {describe_unexpected(e)}", file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+def describe_unexpected(e: BaseException) -> str:
+    """One line for an error nanomoe did not anticipate: the system's words for file and memory
+    problems, otherwise the exception and a request to report it."""
+    import errno
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, OSError) or "unexpected pos" in text or "file write failed" in text:
+        if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in text or "file write failed" in text:
+            return "no space left on device; free some space or write somewhere else"
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return f"{getattr(e, 'strerror', None) or text}{where}; check the path and its permissions"
+    if isinstance(e, MemoryError):
+        return "out of memory; use a smaller model, batch or input"
+    return (f"unexpected {type(e).__name__}: {text[:300]}. This is a bug in nanomoe: please report it with the "
+            "command line (set NANOMOE_TRACEBACK=1 to see the traceback)")

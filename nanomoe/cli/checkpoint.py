@@ -7,7 +7,7 @@ from . import add_command
 
 def cmd_checkpoint(args) -> int:
     """Work with saved checkpoints: `nanomoe checkpoint consolidate RUN` (sharded FSDP checkpoint ->
-    model.safetensors)."""
+    model.safetensors), `nanomoe checkpoint verify RUN` (sizes and sha256 against each manifest)."""
     args.checkpoint_parser.print_help()
     return 2
 
@@ -49,6 +49,50 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Check every checkpoint of a run (or one checkpoint directory) against its manifest: each file's
+    size and sha256. Prints one line per checkpoint; exits 1 if any is damaged, naming the files and
+    the newest checkpoint that verifies.
+
+    Examples:
+      nanomoe checkpoint verify runs/tiny-moe
+      nanomoe checkpoint verify runs/tiny-moe/checkpoints/step-00000500
+    """
+    from pathlib import Path
+
+    from ..errors import CheckpointError
+    from ..training import checkpoint as ckpt
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; pass a run dir or a checkpoints/step-* dir")
+    if ckpt.is_complete(path):
+        dirs, run_dir = [path], path.parent.parent
+    else:
+        run_dir = path
+        root = path / "checkpoints"
+        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+        if not dirs:
+            raise CheckpointError(f"{path} holds no checkpoints (no {root}/step-*); pass the --out of a training run")
+    damaged = 0
+    for d in dirs:
+        if not ckpt.is_complete(d):
+            found = [f"incomplete (one of {', '.join(ckpt.REQUIRED_FILES)} is missing)"]
+        else:
+            try:
+                found = ckpt.checkpoint_problems(d, hashes=True)
+            except CheckpointError as e:
+                found = [str(e)]
+        unverified = "" if found or ckpt.manifest.has_manifest(d) else " (written before manifests: not verified)"
+        print(f"{d}: {'DAMAGED: ' + '; '.join(found) if found else 'ok'}{unverified}")
+        damaged += bool(found)
+    if damaged:
+        good = ckpt.newest_verified(run_dir, hashes=True)
+        offer = f" The newest checkpoint that verifies is {good}." if good else " No checkpoint of the run verifies."
+        raise CheckpointError(f"{damaged} of {len(dirs)} checkpoint(s) damaged.{offer}")
+    return 0
+
+
 def register(subparsers) -> None:
     parser = add_command(subparsers, "checkpoint", cmd_checkpoint)
     parser.set_defaults(checkpoint_parser=parser)
@@ -61,3 +105,5 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="stored weight precision (bf16 halves the file; loading casts back to fp32)")
     p.add_argument("--force", action="store_true", help="rewrite model.safetensors if it is already there")
+    p = add_command(sub, "verify", cmd_verify)
+    p.add_argument("path", help="run dir (all its checkpoints) or a checkpoints/step-* dir")

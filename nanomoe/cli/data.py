@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 
+from ..checked import arg
 from . import add_command
 
 SOURCE_HELP = (
@@ -105,7 +106,7 @@ def cmd_prepare(args) -> int:
         args.source,
         args.out,
         tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size or 2048,
+        vocab_size=2048 if args.vocab_size is None else args.vocab_size,
         tokenizer_kind=args.kind,
         train_count=args.train_count,
         val_count=args.val_count,
@@ -150,9 +151,9 @@ def register(subparsers) -> None:
     p = add_command(tok_sub, "train", cmd_tokenizer_train)
     p.add_argument("--input", nargs="+", required=True, metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("--out", required=True, help="where to write the tokenizer JSON")
-    p.add_argument("--vocab-size", type=int, default=2048, help="tokens, special tokens included [2048]")
+    p.add_argument("--vocab-size", type=arg(int, "--vocab-size", minimum=1), default=2048, help="tokens, special tokens included [2048]")
     p.add_argument("--kind", default="bpe", choices=["bpe", "word"], help="byte-level BPE or word level [bpe]")
-    p.add_argument("--seed", type=int, default=0, help="which documents are held out for val [0]")
+    p.add_argument("--seed", type=arg(int, "--seed", minimum=0), default=0, help="which documents are held out for val [0]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_reading_options(p)
 
@@ -167,15 +168,15 @@ def register(subparsers) -> None:
     p.add_argument("--source", required=True, help=SOURCE_HELP)
     p.add_argument("--out", required=True, help="data dir to write")
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocab of the tokenizer to train [2048]")
+    p.add_argument("--vocab-size", type=arg(int, "--vocab-size", minimum=1), default=None, help="vocab of the tokenizer to train [2048]")
     p.add_argument("--kind", default="bpe", choices=["bpe", "word"], help="kind of tokenizer to train [bpe]")
-    p.add_argument("--train-count", type=int, default=None, help="keep only the first N train documents")
-    p.add_argument("--val-count", type=int, default=None, help="keep only the first N val documents")
-    p.add_argument("--val-fraction", type=float, default=0.05,
+    p.add_argument("--train-count", type=arg(int, "--train-count", minimum=1), default=None, help="keep only the first N train documents")
+    p.add_argument("--val-count", type=arg(int, "--val-count", minimum=1), default=None, help="keep only the first N val documents")
+    p.add_argument("--val-fraction", type=arg(float, "--val-fraction", minimum=0, maximum=1), default=0.05,
                    help="share held out for val when the source has no val split [0.05]")
-    p.add_argument("--seed", type=int, default=0, help="built-in corpus seed; which documents are held out [0]")
+    p.add_argument("--seed", type=arg(int, "--seed", minimum=0), default=0, help="built-in corpus seed; which documents are held out [0]")
     p.add_argument("--overwrite", action="store_true", help="replace data made with a different tokenizer")
-    p.add_argument("--workers", type=int, default=None, help="processes for the word tokenizer [all cores]")
+    p.add_argument("--workers", type=arg(int, "--workers", minimum=1), default=None, help="processes for the word tokenizer [all cores]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_reading_options(p)

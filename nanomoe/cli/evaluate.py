@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+from ..checked import arg
 from . import add_command
 
 
@@ -21,9 +22,9 @@ def add_checkpoint_data_args(p, *, max_batches: int | None, batch_size: int = 16
     p.add_argument("--split", choices=["val", "train"], default="val", help="split to evaluate (default val)")
     p.add_argument("--mode", choices=["packed", "documents"], default="packed",
                    help="packed windows across documents (default), or one padded document per row")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"rows per batch (default {batch_size})")
-    p.add_argument("--block-size", type=int, help="tokens per row (default: the length the model was trained at)")
-    p.add_argument("--max-batches", type=int, default=max_batches,
+    p.add_argument("--batch-size", type=arg(int, "--batch-size", minimum=1), default=batch_size, help=f"rows per batch (default {batch_size})")
+    p.add_argument("--block-size", type=arg(int, "--block-size", minimum=1), help="tokens per row (default: the length the model was trained at)")
+    p.add_argument("--max-batches", type=arg(int, "--max-batches", minimum=0), default=max_batches,
                    help="stop after this many batches (default: " + ("the whole split" if max_batches is None
                                                                      else str(max_batches)) + "; 0 = whole split)")
     p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:1, ...")

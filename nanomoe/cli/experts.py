@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..checked import arg
 from . import add_command
 from .evaluate import add_checkpoint_data_args, load_checkpoint_and_data
 
@@ -47,7 +48,7 @@ def register(subparsers) -> None:
     add_checkpoint_data_args(p, max_batches=50)
     p.add_argument("--out", required=True, metavar="REPORT_DIR",
                    help="folder for experts.json, *.png and report.html (created; other files are left alone)")
-    p.add_argument("--samples", type=int, default=4, help="stories to colour by expert in report.html (default 4)")
-    p.add_argument("--top-tokens", type=int, default=12, help="tokens listed per expert (default 12)")
-    p.add_argument("--min-count", type=int, default=5,
+    p.add_argument("--samples", type=arg(int, "--samples", minimum=0), default=4, help="stories to colour by expert in report.html (default 4)")
+    p.add_argument("--top-tokens", type=arg(int, "--top-tokens", minimum=1), default=12, help="tokens listed per expert (default 12)")
+    p.add_argument("--min-count", type=arg(int, "--min-count", minimum=0), default=5,
                    help="occurrences a token needs to be listed as distinctive of an expert (default 5)")

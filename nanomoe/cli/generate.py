@@ -9,6 +9,7 @@ import json
 import sys
 import time
 
+from ..checked import arg
 from . import add_command
 
 
@@ -25,17 +26,17 @@ def add_model_args(p) -> None:
                    help="compiled decode steps: on the CPU a native C++ step, dense or MoE (~8-17x eager at "
                         "batch 1 in bf16; built once per machine, ~30 s), elsewhere torch.compile for dense "
                         "models (the first answer waits for the compilation)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=arg(int, "--threads", minimum=1), help="CPU threads (default: torch's choice)")
 
 
 def add_sampling_args(p, *, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+    p.add_argument("--max-new-tokens", type=arg(int, "--max-new-tokens", minimum=1), default=max_new_tokens,
                    help=f"at most this many new tokens (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more varied (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (default 50; 0 = all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep tokens up to probability p")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same story (default: random)")
+    p.add_argument("--temperature", type=arg(float, "--temperature", minimum=0), default=0.8, help="0 = greedy; higher = more varied (default 0.8)")
+    p.add_argument("--top-k", type=arg(int, "--top-k", minimum=0), default=50, help="keep the k most likely tokens (default 50; 0 = all)")
+    p.add_argument("--top-p", type=arg(float, "--top-p", minimum=0, maximum=1, above=True), default=None, help="nucleus sampling: keep tokens up to probability p")
+    p.add_argument("--repetition-penalty", type=arg(float, "--repetition-penalty", minimum=0, above=True), default=1.0, help="> 1 discourages repeats (default 1 = off)")
+    p.add_argument("--seed", type=arg(int, "--seed", minimum=0), default=None, help="same seed, same story (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="also stop when TEXT appears (repeatable); <|endoftext|> always stops")
 
@@ -163,6 +164,6 @@ def register(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="text to continue (repeatable: the prompts run as one batch); default: a story from scratch")
-    p.add_argument("--num-samples", type=int, default=1, help="stories per prompt (default 1)")
+    p.add_argument("--num-samples", type=arg(int, "--num-samples", minimum=1), default=1, help="stories per prompt (default 1)")
     add_sampling_args(p, max_new_tokens=200)
     p.add_argument("--json", action="store_true", help="print one JSON object with every sample")

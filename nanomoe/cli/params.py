@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..checked import arg
 from . import add_command
 
 
@@ -75,8 +76,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", help="named model config (see --list)")
     p.add_argument("--config", help="TOML/YAML/JSON file with a [model] section, or a model.json")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model field (repeatable)")
-    p.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU for the memory estimate")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: block_size)")
-    p.add_argument("--gpus", type=int, default=1, help="number of GPUs sharing the model under FSDP")
+    p.add_argument("--batch-size", type=arg(int, "--batch-size", minimum=1), default=1, help="micro-batch per GPU for the memory estimate")
+    p.add_argument("--seq-len", type=arg(int, "--seq-len", minimum=1), default=None, help="sequence length (default: block_size)")
+    p.add_argument("--gpus", type=arg(int, "--gpus", minimum=1), default=1, help="number of GPUs sharing the model under FSDP")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--list", action="store_true", help="list the presets and exit")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import NanoMoEError
+from ..checked import arg
 from . import add_command
 
 log = logging.getLogger("nanomoe.train")
@@ -190,7 +191,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", help="builtin (default; builtin:MB for another size), tinystories, or a data dir from "
                    "`nanomoe prepare`")
     p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
+    p.add_argument("--max-steps", type=arg(int, "--max-steps", minimum=1), help="optimizer steps to train for")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
                    help="continue a run exactly where it stopped (RUN dir or a checkpoint dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
