@@ -30,8 +30,10 @@ def tiny_run(tmp_path_factory, tiny_data):
     from nanomoe.cli import main
 
     run = tmp_path_factory.mktemp("tiny-run") / "run"
-    code = main(["train", "--preset", "debug", "--recipe", "debug", "--data", str(tiny_data), "--out", str(run),
-                 "--max-steps", "4", "--no-progress", "--set", "block_size=32", "--set", "save_every=2",
-                 "--set", "eval_every=4", "--set", "keep_last=5", "--set", "samples=0", "--set", "log_every=1"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOMOE_NATIVE", "0")  # the same Python paths the CLI tests run (hostile_helpers.cli_env)
+        code = main(["train", "--preset", "debug", "--recipe", "debug", "--data", str(tiny_data), "--out", str(run),
+                     "--max-steps", "4", "--no-progress", "--set", "block_size=32", "--set", "save_every=2",
+                     "--set", "eval_every=4", "--set", "keep_last=5", "--set", "samples=0", "--set", "log_every=1"])
     assert code == 0
     return run

@@ -31,11 +31,17 @@ class Result:
 
 def cli(*args: str, stdin: str | bytes | None = None, timeout: float = 300, env: dict | None = None) -> Result:
     """`python -m nanomoe ARGS` in a subprocess with this checkout first on the path."""
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "NANOMOE_TRACEBACK": "", **(env or {})}
+    environment = {**cli_env(), **(env or {})}
     data = stdin.encode() if isinstance(stdin, str) else stdin
     proc = subprocess.run([sys.executable, "-m", "nanomoe", *map(str, args)], input=data, capture_output=True,
                           timeout=timeout, env=environment, cwd=REPO)
     return Result(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
+
+
+def cli_env() -> dict[str, str]:
+    """This checkout first on the path; no native kernels (nothing here is about speed, and a build
+    per test process would cost minutes on a busy machine)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "NANOMOE_TRACEBACK": "", "NANOMOE_NATIVE": "0"}
 
 
 class RunsCode:

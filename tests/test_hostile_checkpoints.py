@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from hostile_helpers import REPO, cli, copy_run, plant_pickle, snapshot
+from hostile_helpers import REPO, cli, cli_env, copy_run, plant_pickle, snapshot
 
 from nanomoe.errors import CheckpointError
 from nanomoe.training import checkpoint as ckpt
@@ -175,10 +175,9 @@ def _wait_for_holder(run, proc, seconds=90):
 
 
 def _start_training(run):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "nanomoe", "train", "--resume", str(run), "--max-steps", "100000",
                              "--no-progress", "--set", "save_every=1", "--set", "eval_every=100000"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_a_second_training_into_the_same_run_is_refused_and_a_dead_holder_is_reported(tiny_run, tmp_path):

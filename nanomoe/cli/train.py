@@ -109,6 +109,7 @@ def cmd_train(args) -> int:
         ckpt_dir = ckpt.resolve_for_resume(run_or_ckpt)
         run_dir = Path(args.out) if args.out else ckpt_dir.parent.parent
         model_cfg = ckpt.read_model_config(ckpt_dir)
+        ckpt.check_config_fits_weights(ckpt_dir, model_cfg)  # before the trainer allocates the model
         if model_overrides:
             raise ConfigError("model fields cannot change on --resume (the weights fix them); drop "
                               + ", ".join(model_overrides))

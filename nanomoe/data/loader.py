@@ -79,6 +79,7 @@ class BatchLoader:
         self.tokens = np.memmap(self.data_dir / info["file"], dtype=np.dtype(self.meta["dtype"]), mode="r")
         if len(self.tokens) != info["tokens"]:  # read_meta checked sizes; this guards the dtype too
             raise DataError(f"{self.data_dir / info['file']} does not match meta.json; run `nanomoe prepare` again")
+        self._check_token_ids(self.data_dir / info["file"])
         self.doc_starts = np.load(self.data_dir / info["docs_file"], allow_pickle=False)
         self.doc_ends = np.append(self.doc_starts[1:], len(self.tokens))  # exclusive; includes the doc's EOT
         if mode == "packed" and len(self.tokens) < block_size + 1:
@@ -86,6 +87,16 @@ class BatchLoader:
                 f"the {split} split has {len(self.tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "lower block_size or prepare more data"
             )
+
+    def _check_token_ids(self, path: Path, chunk: int = 1 << 24) -> None:
+        """Every id below the tokenizer's vocab_size: a damaged or foreign .bin would otherwise fail
+        deep in the model's embedding (one pass over the file, in chunks)."""
+        vocab = int(self.meta["vocab_size"])
+        for start in range(0, len(self.tokens), chunk):
+            top = int(self.tokens[start:start + chunk].max())
+            if top >= vocab:
+                raise DataError(f"{path} holds token id {top}, but its tokenizer has only {vocab} tokens: the file is "
+                                "damaged or not from this data dir; run `nanomoe prepare` again")
 
     # --- sizes ---
     @property

@@ -435,6 +435,12 @@ def _empty_split_message(split: str, src: Source, val_fraction: float) -> str:
             f"the validation split is empty: {src.description} has too few documents for val fraction "
             f"{val_fraction}; raise --val-fraction, or give a folder with train/ and valid/ subfolders"
         )
+    if split == "train" and not src.has_splits:
+        return (
+            f"the train split is empty: {src.description} has too few documents to hold out a validation split "
+            f"(val fraction {val_fraction}) and still train on something; give more documents (at least 2), or a "
+            "folder with train/ and valid/ subfolders"
+        )
     return f"the {split} split of {src.description} holds no documents"
 
 

@@ -307,9 +307,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise DataError(f"tokenizer file {path} not found; train one with `nanomoe tokenizer train`")
     try:
-        return tokenizer_from_json_str(path.read_text(encoding="utf-8"))
-    except (DataError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a tokenizer file (it is not text); pass a tokenizer.json, such as the one "
+                        "`nanomoe prepare` writes into every data dir") from None
+    try:
+        return tokenizer_from_json_str(text)
+    except DataError as e:
         raise DataError(f"{path}: {e}") from None
+    except Exception as e:  # the tokenizers library's own parse errors
+        raise DataError(f"{path} is not a tokenizer file ({str(e).splitlines()[0][:200] if str(e) else e}); pass a "
+                        "tokenizer.json, such as the one `nanomoe prepare` writes into every data dir") from None
 
 
 class _CountingIterator:

@@ -41,13 +41,13 @@ from typing import Any
 
 import torch
 
+from .. import safe_dcp
 from ..atomic_io import (
     fsync_dir, fsync_file, replace_durably, temporary_dir, temporary_path, usual_permissions, write_json_atomic,
 )
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer
-from .. import safe_dcp
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NanoMoEError
 from ..model import GPT, rope_cache
 from ..runtime import DistContext, is_fsdp
 from . import manifest
@@ -374,7 +374,12 @@ class Checkpoint:
 
 
 def read_model_config(ckpt_dir: Path) -> ModelConfig:
-    return ModelConfig.from_dict(read_json(Path(ckpt_dir) / "model_config.json"))
+    try:
+        return ModelConfig.from_dict(read_json(Path(ckpt_dir) / "model_config.json"))
+    except CheckpointError:
+        raise
+    except NanoMoEError as e:
+        raise CheckpointError(f"{Path(ckpt_dir) / 'model_config.json'} is invalid: {e}") from None
 
 
 def load_model_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
@@ -390,11 +395,43 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def check_weights(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], ckpt_dir: Path) -> None:
-    """Raise CheckpointError naming what differs when `state` does not fit shapes `expected`."""
+def weight_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every stored weight, read from the file headers only (nothing allocated)."""
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / "model.safetensors"
+    if not path.is_file() and (ckpt_dir / SHARDED_DIR).is_dir():
+        metadata = safe_dcp.read_metadata(ckpt_dir / SHARDED_DIR)
+        return {k.removeprefix("model."): tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+                if k.startswith("model.") and hasattr(v, "size")}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # a truncated or damaged header
+        raise CheckpointError(f"cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); it is "
+                              "damaged: use another checkpoint (nanomoe checkpoint verify RUN lists the good ones)") from None
+
+
+def check_config_fits_weights(ckpt_dir: Path, cfg: ModelConfig) -> None:
+    """CheckpointError before any allocation when model_config.json does not describe the stored
+    weights (an edited config would otherwise allocate its model first)."""
+    with torch.device("meta"):
+        template = GPT(cfg)
+    expected = {k: tuple(v.shape) for k, v in template.state_dict().items()}
+    stored = weight_shapes(ckpt_dir)
+    if cfg.tie_embeddings and "lm_head.weight" not in stored and "tok_emb.weight" in stored:
+        stored["lm_head.weight"] = stored["tok_emb.weight"]
+    check_weights(expected, stored, ckpt_dir)
+
+
+def check_weights(expected: dict[str, tuple[int, ...]], state: dict, ckpt_dir: Path) -> None:
+    """Raise CheckpointError naming what differs when `state` (tensors or shapes) does not fit
+    shapes `expected`."""
+    state = {k: v if isinstance(v, tuple) else tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state) if tuple(expected[k]) != tuple(state[k].shape))
+    mismatched = sorted(k for k in set(expected) & set(state) if tuple(expected[k]) != tuple(state[k]))
     if missing or unexpected or mismatched:
         details = []
         if missing:
@@ -403,7 +440,7 @@ def check_weights(expected: dict[str, tuple[int, ...]], state: dict[str, torch.T
             details.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
         if mismatched:
             k = mismatched[0]
-            details.append(f"shape of {k} is {tuple(state[k].shape)}, the model expects {tuple(expected[k])}")
+            details.append(f"shape of {k} is {tuple(state[k])}, the model expects {tuple(expected[k])}")
         raise CheckpointError(
             f"checkpoint {ckpt_dir} holds a different model ({'; '.join(details)}); "
             "use the model config saved with the checkpoint (model_config.json)"
@@ -419,6 +456,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best", device: str | torch.
     """
     ckpt_dir = resolve_checkpoint(path, prefer)
     cfg = read_model_config(ckpt_dir)
+    check_config_fits_weights(ckpt_dir, cfg)
     model = GPT(cfg)
     load_model_weights(model, ckpt_dir)
     model.to(device).eval()

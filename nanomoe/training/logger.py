@@ -1,7 +1,7 @@
 """Run logging: a JSONL metrics file, TensorBoard event files, a progress bar, plots at the end.
 
-Only rank 0 writes (`enabled=False` on the others). metrics.jsonl is append-only: a resumed run
-adds rows, and readers keep the last row of each (kind, step).
+Only rank 0 writes (`enabled=False` on the others). metrics.jsonl is appended to; a resumed run
+first drops the rows past the step it resumes from, so each (kind, step) appears once.
 """
 
 from __future__ import annotations
@@ -89,6 +89,23 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the rows after `step` (a resume from there): what a killed segment logged past its
+        last checkpoint is trained again and would otherwise appear twice."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                if int(row["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut by a crash
+                continue
+        from ..atomic_io import write_text_atomic
+
+        write_text_atomic(self.metrics_path, "".join(f"{line}\n" for line in kept))
 
     def _tensorboard(self):
         if self._tb is None and self.enabled and self.use_tensorboard:

@@ -228,6 +228,8 @@ class Trainer:
         if resume_from is not None:
             self._resume(Path(resume_from))
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=train_config.tensorboard)
+        if resume_from is not None:
+            self.logger.truncate_after(self.state.step)
 
     def _samples_per_epoch(self) -> int:
         """Training sequences in one pass over the train split: windows of seq_len tokens when
