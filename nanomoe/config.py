@@ -265,7 +265,7 @@ def parse_value(cls: type, key: str, raw: str) -> Any:
             error = e
             continue
     if isinstance(error, ConfigError):
-        raise ConfigError(f"--set {key}={raw}: {error}")
+        raise ConfigError(f"cannot parse {key}={raw!r}: {error}")
     raise ConfigError(f"cannot parse {key}={raw!r}: expected {hint}")
 
 

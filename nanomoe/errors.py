@@ -20,3 +20,12 @@ class DataError(NanoMoEError):
 
 class CheckpointError(NanoMoEError):
     """A checkpoint is missing, incomplete, or belongs to a different model."""
+
+
+def looks_out_of_space(e: BaseException) -> bool:
+    """ENOSPC, or the words torch's zip writer and safetensors use for a write the disk cut short."""
+    import errno
+
+    text = str(e)
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        words in text for words in ("unexpected pos", "file write failed", "No space left on device"))

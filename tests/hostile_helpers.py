@@ -33,7 +33,8 @@ def cli(*args: str, stdin: str | bytes | None = None, timeout: float = 300, env:
     """`python -m nanomoe ARGS` in a subprocess with this checkout first on the path."""
     environment = {**cli_env(), **(env or {})}
     data = stdin.encode() if isinstance(stdin, str) else stdin
-    proc = subprocess.run([sys.executable, "-m", "nanomoe", *map(str, args)], input=data, capture_output=True,
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "nanomoe", *argv], input=data, capture_output=True,
                           timeout=timeout, env=environment, cwd=REPO)
     return Result(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
 

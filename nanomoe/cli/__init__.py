@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
 def describe_unexpected(e: BaseException) -> str:
     """One line for an error nanomoe did not anticipate: the system's words for file and memory
     problems, otherwise the exception and a request to report it."""
-    import errno
+    from ..errors import looks_out_of_space
 
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, OSError) or "unexpected pos" in text or "file write failed" in text:
-        if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in text or "file write failed" in text:
-            return "no space left on device; free some space or write somewhere else"
+    if looks_out_of_space(e):
+        return "no space left on device; free some space or write somewhere else"
+    if isinstance(e, OSError):
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         return f"{getattr(e, 'strerror', None) or text}{where}; check the path and its permissions"
     if isinstance(e, MemoryError):

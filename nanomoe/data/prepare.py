@@ -46,6 +46,7 @@ META = "meta.json"
 LOCK = ".prepare.lock"
 TOKENIZER = "tokenizer.json"
 CHUNK_CHARS = 2_000_000  # documents are encoded in chunks of about this many characters
+MAX_PIECE_CHARS = 100_000  # longer documents are tokenized in pieces cut at spaces (`pieces`)
 
 
 @dataclass
@@ -150,12 +151,24 @@ def _prepare_locked(src, out, tokenizer, tokenizer_kind, vocab_size, split_optio
         tokenizer_seconds = 0.0
         if tokenizer is None:
             t_train = time.perf_counter()
-            texts = (text for _, text in split_documents(src, only="train", **split_options))
-            if tokenizer_kind == "bpe":
-                # the Rust progress bars only render well on a terminal
-                tokenizer = train_bpe_tokenizer(texts, vocab_size, show_progress=progress and sys.stderr.isatty())
-            else:
-                tokenizer = train_word_tokenizer(texts, vocab_size)
+            seen = [0]
+
+            def texts():
+                for _, text in split_documents(src, only="train", **split_options):
+                    seen[0] += 1
+                    yield from pieces(text)
+
+            try:
+                if tokenizer_kind == "bpe":
+                    # the Rust progress bars only render well on a terminal
+                    tokenizer = train_bpe_tokenizer(texts(), vocab_size,
+                                                    show_progress=progress and sys.stderr.isatty())
+                else:
+                    tokenizer = train_word_tokenizer(texts(), vocab_size)
+            except DataError:
+                if seen[0] == 0:  # every document went to validation: say so, not "no documents"
+                    raise DataError(_empty_split_message("train", src, val_fraction)) from None
+                raise
             tokenizer_seconds = time.perf_counter() - t_train
             if existing is not None:
                 _check_same_tokenizer(out, existing, tokenizer, overwrite)
@@ -242,8 +255,27 @@ def _encode_source(src, split_options, tokenizer, dtype, tmp, progress, workers)
     return stats
 
 
+def pieces(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most `limit` characters, each cut just before a space so a
+    word and the space in front of it stay together (byte-level BPE sees the same words)."""
+    if len(text) <= limit:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + limit // 2, start + limit)
+        if cut <= start:  # no space in sight: a hard cut
+            cut = start + limit
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
 def _encode_and_pack(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of `texts` with EOT after each document, and each document's length (its EOT included)."""
+    """Tokens of `texts` with EOT after each document, and each document's length (its EOT included).
+    Long documents are encoded in pieces: the tokenizer's working memory is ~100x the text it holds."""
+    if any(len(t) > MAX_PIECE_CHARS for t in texts):
+        return _encode_long(tokenizer, texts, dtype)
     ids_lists = tokenizer.encode_batch(texts)
     lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists)) + 1
     eot = tokenizer.eot_id
@@ -251,6 +283,31 @@ def _encode_and_pack(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) ->
         ids.append(eot)
     tokens = np.fromiter(itertools.chain.from_iterable(ids_lists), dtype=dtype, count=int(lengths.sum()))
     return tokens, lengths
+
+
+def _encode_long(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """`_encode_and_pack` for texts holding a long document: its pieces are encoded a few at a time
+    and kept as compact arrays, so memory stays bounded however long the document."""
+    per_doc: list[list[np.ndarray]] = [[] for _ in texts]
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    group: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        for (i, _), ids in zip(group, tokenizer.encode_batch([piece for _, piece in group])):
+            per_doc[i].append(np.asarray(ids, dtype=dtype))
+        group.clear()
+
+    chars = 0
+    for i, text in enumerate(texts):
+        for piece in pieces(text):
+            group.append((i, piece))
+            chars += len(piece)
+            if chars >= MAX_PIECE_CHARS:
+                flush()
+                chars = 0
+    flush()
+    docs = [np.concatenate(arrays + [eot]) for arrays in per_doc]
+    return np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64)
 
 
 def _encoded(tokenizer: Tokenizer, dtype: np.dtype, chunks, workers: int | None):

@@ -29,7 +29,6 @@ through nanomoe/safe_dcp.py). Every load checks the manifest's sizes; resume and
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from ..atomic_io import (
 )
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer
-from ..errors import CheckpointError, NanoMoEError
+from ..errors import CheckpointError, NanoMoEError, looks_out_of_space
 from ..model import GPT, rope_cache
 from ..runtime import DistContext, is_fsdp
 from . import manifest
@@ -113,7 +112,7 @@ def save_checkpoint(
         update_pointers(run_dir, final, pointers, trainer_state.get("step"))
     except Exception as e:  # OSError, and torch's / safetensors' own errors on a full disk
         shutil.rmtree(tmp, ignore_errors=True)
-        out_of_space = getattr(e, "errno", None) == errno.ENOSPC or _disk_is_full(root)
+        out_of_space = looks_out_of_space(e) or _disk_is_full(root)
         reason = "no space left on device" if out_of_space else f"{type(e).__name__}: {e}"
         previous = ", ".join(f"{p}.json" for p in ("latest", "best") if (run_dir / f"{p}.json").exists())
         raise CheckpointError(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig, from_dict, load_config_file, parse_overrides
+from ..config import ModelConfig, closest, from_dict, load_config_file, parse_overrides
 from ..errors import ConfigError
 from ..presets import resolve_model_config
 
@@ -165,7 +165,7 @@ def resolve_train_config(
             fields.update(parse_overrides(TrainConfig, [item]))
         elif key not in model_names:
             raise ConfigError(
-                f"--set {key}=...: {key!r} is neither a model nor a training field; "
+                f"--set {key}=...: {key!r} is neither a model nor a training field{closest(key, train_names | model_names)}; "
                 f"training fields: {', '.join(sorted(train_names))}"
             )
     fields.update({k: v for k, v in explicit.items() if v is not None})
