@@ -331,7 +331,7 @@ def check_sections(data: Any, path: Path) -> None:
         if key in model_fields:
             hint = f"; {key} is a model field: put it under [model]"
         else:
-            hint = closest(key, SECTIONS) or f"; training fields go under [train]"
+            hint = closest(key, SECTIONS) or "; training fields go under [train]"
         raise ConfigError(f"config file {path}: unknown section or key {key!r}{hint}. Valid top-level names: "
                           f"{', '.join(SECTIONS)}")
 

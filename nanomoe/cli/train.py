@@ -8,8 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import NanoMoEError
 from ..checked import arg
+from ..errors import NanoMoEError
 from . import add_command
 
 log = logging.getLogger("nanomoe.train")

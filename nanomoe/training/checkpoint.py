@@ -42,7 +42,13 @@ import torch
 
 from .. import safe_dcp
 from ..atomic_io import (
-    fsync_dir, fsync_file, replace_durably, temporary_dir, temporary_path, usual_permissions, write_json_atomic,
+    fsync_dir,
+    fsync_file,
+    replace_durably,
+    temporary_dir,
+    temporary_path,
+    usual_permissions,
+    write_json_atomic,
 )
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer
