@@ -71,6 +71,11 @@ class ModelConfig:
         def fail(msg: str) -> None:
             raise ConfigError(f"invalid model config: {msg}")
 
+        for f in dataclasses.fields(self):  # nan slips through every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"{f.name} must be a finite number, got {value}")
+
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -228,3 +228,17 @@ def test_checkpoint_files_have_the_usual_permissions(tiny_run):
     os.umask(umask)
     for f in (tiny_run / STEP4).iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_without_a_manifest_damaged_state_and_a_swapped_tokenizer_are_still_named(tiny_run, tmp_path):
+    """Older checkpoints carry no manifest: the loaders themselves still refuse by name."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    legacy(run, drop_weights=False)
+    optimizer = run / STEP4 / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:5000])
+    cli("train", "--resume", run, "--max-steps", "6", "--no-progress").expect(
+        f"cannot read {optimizer}", "resume from an earlier checkpoint")
+    tokenizer = run / STEP2 / "tokenizer.json"  # the same tokenizer written differently: another sha256
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    cli("generate", "--checkpoint", run / STEP2, "--prompt", "Once", "--max-new-tokens", "2").expect(
+        "is not the tokenizer the weights were trained with")

@@ -470,6 +470,11 @@ def load_checkpoint(path: str | Path, prefer: str = "best", device: str | torch.
         tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json")
     train_config = read_json(ckpt_dir / "train_config.json") if (ckpt_dir / "train_config.json").is_file() else None
     data_meta = read_json(ckpt_dir / "data_meta.json") if (ckpt_dir / "data_meta.json").is_file() else None
+    recorded = data_meta.get("tokenizer_sha256") if isinstance(data_meta, dict) else None
+    if tokenizer is not None and recorded and tokenizer.sha256 != recorded:
+        raise CheckpointError(f"{ckpt_dir / 'tokenizer.json'} is not the tokenizer the weights were trained with "
+                              f"(sha256 {tokenizer.sha256[:12]}, data_meta.json records {recorded[:12]}); restore it "
+                              "or use another checkpoint")
     return Checkpoint(
         path=ckpt_dir,
         model=model,

@@ -8,6 +8,7 @@ that started it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
             raise ConfigError(f"invalid training config: {msg}")
+
+        for f in dataclasses.fields(self):  # nan slips through every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"{f.name} must be a finite number, got {value}")
 
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
