@@ -238,7 +238,11 @@ def test_without_a_manifest_damaged_state_and_a_swapped_tokenizer_are_still_name
     optimizer.write_bytes(optimizer.read_bytes()[:5000])
     cli("train", "--resume", run, "--max-steps", "6", "--no-progress").expect(
         f"cannot read {optimizer}", "resume from an earlier checkpoint")
-    tokenizer = run / STEP2 / "tokenizer.json"  # the same tokenizer written differently: another sha256
-    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    tokenizer = run / STEP2 / "tokenizer.json"  # a foreign one: two tokens swap ids
+    data = json.loads(tokenizer.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = [k for k, i in vocab.items() if i in (300, 301)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    tokenizer.write_text(json.dumps(data))
     cli("generate", "--checkpoint", run / STEP2, "--prompt", "Once", "--max-new-tokens", "2").expect(
         "is not the tokenizer the weights were trained with")
