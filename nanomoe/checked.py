@@ -3,16 +3,15 @@ files, chat commands), so none of them lets nan, inf, a negative count or a word
 
     number("3e-4", "lr", minimum=0, above=True)  -> 0.0003
     number("nan", "temperature")                 -> ConfigError: temperature must be a finite number ...
-    parser.add_argument("--top-p", type=arg(float, "--top-p", minimum=0, maximum=1, above=True))
+    parser.add_argument("--top-p", type=arg(float, "top_p", minimum=0, maximum=1, above=True))
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, NanoMoEError
 
 
 def number(value: Any, name: str, kind: type = float, *, minimum: float | None = None,
@@ -45,14 +44,19 @@ def number(value: Any, name: str, kind: type = float, *, minimum: float | None =
     return result
 
 
+class FlagError(NanoMoEError):
+    """A command-line value `arg` refused. Not a ValueError, so argparse lets it through to the
+    CLI's one error handler (one line, exit 1) instead of rewording it."""
+
+
 def arg(kind: type, name: str, **limits: Any):
-    """An argparse `type=` that checks like `number` (argparse then prints usage and the message)."""
+    """An argparse `type=` that checks like `number`."""
 
     def parse(text: str):
         try:
             return number(text, name, kind, **limits)
         except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+            raise FlagError(str(e)) from None
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse

@@ -59,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
             shown = str(item).encode("utf-8", "replace").decode()
             print(f"nanomoe: error: argument {shown!r} is not valid UTF-8 text; pass text in UTF-8", file=sys.stderr)
-            return 2
-    args = parser.parse_args(argv)
+            return 1
+    try:
+        args = parser.parse_args(argv)
+    except NanoMoEError as e:  # a value nanomoe.checked refused
+        print(f"nanomoe: error: {e}", file=sys.stderr)
+        return 1
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

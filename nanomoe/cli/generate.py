@@ -32,10 +32,10 @@ def add_model_args(p) -> None:
 def add_sampling_args(p, *, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=arg(int, "--max-new-tokens", minimum=1), default=max_new_tokens,
                    help=f"at most this many new tokens (default {max_new_tokens})")
-    p.add_argument("--temperature", type=arg(float, "--temperature", minimum=0), default=0.8, help="0 = greedy; higher = more varied (default 0.8)")
+    p.add_argument("--temperature", type=arg(float, "temperature", minimum=0), default=0.8, help="0 = greedy; higher = more varied (default 0.8)")
     p.add_argument("--top-k", type=arg(int, "--top-k", minimum=0), default=50, help="keep the k most likely tokens (default 50; 0 = all)")
-    p.add_argument("--top-p", type=arg(float, "--top-p", minimum=0, maximum=1, above=True), default=None, help="nucleus sampling: keep tokens up to probability p")
-    p.add_argument("--repetition-penalty", type=arg(float, "--repetition-penalty", minimum=0, above=True), default=1.0, help="> 1 discourages repeats (default 1 = off)")
+    p.add_argument("--top-p", type=arg(float, "top_p", minimum=0, maximum=1, above=True), default=None, help="nucleus sampling: keep tokens up to probability p")
+    p.add_argument("--repetition-penalty", type=arg(float, "repetition_penalty", minimum=0, above=True), default=1.0, help="> 1 discourages repeats (default 1 = off)")
     p.add_argument("--seed", type=arg(int, "--seed", minimum=0), default=None, help="same seed, same story (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="also stop when TEXT appears (repeatable); <|endoftext|> always stops")
