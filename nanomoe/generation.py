@@ -154,6 +154,16 @@ class StaticKVCache:
         self.max_len = max_len
         self.write_slots = torch.zeros(1, dtype=torch.long, device=device)
 
+    def rows(self, start: int, stop: int) -> StaticKVCache:
+        """A cache over rows [start, stop) of this one, sharing its buffers (writes land here too):
+        a server keeps one cache and decodes the rows in use, or prefills one row."""
+        view = object.__new__(StaticKVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.max_len = self.max_len
+        view.write_slots = torch.zeros(1, dtype=torch.long, device=self.write_slots.device)
+        return view
+
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, Hkv, T, d) at `write_slots` (T slots; `start_pos` is not used)."""
         # (under autocast k and v may be bf16 while the cache has the weights' dtype)
@@ -282,7 +292,9 @@ class Decoder:
     Run it under torch.inference_mode().
     """
 
-    def __init__(self, model: GPT, batch_size: int, max_len: int, *, compile: bool = False, native: bool = True):
+    def __init__(self, model: GPT, batch_size: int, max_len: int, *, compile: bool = False, native: bool = True,
+                 cache: StaticKVCache | None = None):
+        """`cache`: decode into this one (batch_size rows, max_len slots) instead of a new one."""
         cfg = model.config
         if max_len > cfg.block_size:
             raise ConfigError(
@@ -292,7 +304,12 @@ class Decoder:
         weight = model.tok_emb.weight
         self.model = model
         self.batch_size = batch_size
-        self.cache = StaticKVCache(cfg, batch_size, max_len, dtype=weight.dtype, device=weight.device)
+        if cache is None:
+            cache = StaticKVCache(cfg, batch_size, max_len, dtype=weight.dtype, device=weight.device)
+        elif cache.k[0].shape[0] != batch_size or cache.max_len != max_len:
+            raise ConfigError(f"a cache of {cache.k[0].shape[0]} rows x {cache.max_len} slots given to a decoder "
+                              f"of {batch_size} x {max_len}")
+        self.cache = cache
         self.pad_B = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         self.next_slot = 0
         self._slot = torch.zeros(1, dtype=torch.long, device=weight.device)  # reused: no tensor built per token
@@ -594,46 +611,68 @@ def stream_text(model: GPT, tokenizer, prompts: Sequence[str] | Sequence[Sequenc
     stop_ids = list(options.pop("stop_ids", ()))
     if stop_at_eot:
         stop_ids.append(tokenizer.eot_id)
-    stop_strings = [s for s in stop_strings if s]
     gen = stream(model, token_prompts, max_new_tokens, stop_ids=stop_ids, **options)
-    texts = [IncrementalDecoder(tokenizer) for _ in token_prompts]
-    emitted = [0] * len(token_prompts)  # characters of each row's text already handed out
-    longest_stop = max((len(s) for s in stop_strings), default=0)
-    ended = [False] * len(token_prompts)
+    texts = [TextStream(tokenizer, stop_strings) for _ in token_prompts]
     for step in gen:
         pieces, finished = [], []
         for row, (token, stopped) in enumerate(zip(step.tokens, step.stopped)):
-            if token is None or ended[row]:
+            if token is None or texts[row].ended:
                 pieces.append("")
                 finished.append(False)
                 continue
-            dec = texts[row]
-            if stopped:  # the stop token itself is not part of the text
-                dec.flush()
-            else:
-                dec.add(token)
-            fin, text = stopped, dec.text
-            if stop_strings:
-                # text already handed out never holds the start of a stop string (see below), so
-                # a new occurrence starts at or after `emitted`
-                hits = [i for i in (text.find(s, emitted[row]) for s in stop_strings) if i >= 0]
-                if hits:
-                    text, fin = text[: min(hits)], True
-                    gen.stop(row)
-                elif not fin:  # hold back what could be the start of a stop string
-                    text = text[: max(emitted[row], len(text) - longest_stop + 1)]
-            pieces.append(text[emitted[row]:])
-            emitted[row] = max(emitted[row], len(text))
-            ended[row] = fin
+            piece, fin = texts[row].add(token, stopped)
+            if fin:
+                gen.stop(row)
+            pieces.append(piece)
             finished.append(fin)
         yield TextStep(pieces, step.tokens, step.stopped, finished, step.experts)
     # rows cut by max_new_tokens: hand out what was held back
-    tail = []
-    for row, dec in enumerate(texts):
-        dec.flush()
-        tail.append("" if ended[row] else dec.text[emitted[row]:])
+    ended = [t.ended for t in texts]
+    tail = [t.finish() for t in texts]
     if any(tail):
         yield TextStep(tail, [None] * len(tail), [False] * len(tail), [not e for e in ended], [])
+
+
+class TextStream:
+    """One row's text as its tokens arrive: incremental detokenization, and stop strings (the text
+    is cut just before the first one; text that could be the start of one is held back)."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.longest_stop = max((len(s) for s in self.stop_strings), default=0)
+        self.emitted = 0  # characters of the text already handed out
+        self.ended = False
+
+    def add(self, token: int, stopped: bool = False) -> tuple[str, bool]:
+        """The new text after `token` (maybe "") and whether the row ends here: `stopped` says the
+        token is a stop token (not part of the text), or the text reached a stop string."""
+        dec = self.decoder
+        if stopped:
+            dec.flush()
+        else:
+            dec.add(token)
+        fin, text = stopped, dec.text
+        if self.stop_strings:
+            # text already handed out never holds the start of a stop string (see below), so a new
+            # occurrence starts at or after `emitted`
+            hits = [i for i in (text.find(s, self.emitted) for s in self.stop_strings) if i >= 0]
+            if hits:
+                text, fin = text[: min(hits)], True
+            elif not fin:  # hold back what could be the start of a stop string
+                text = text[: max(self.emitted, len(text) - self.longest_stop + 1)]
+        piece = text[self.emitted:]
+        self.emitted = max(self.emitted, len(text))
+        self.ended = fin
+        return piece, fin
+
+    def finish(self) -> str:
+        """What was held back, for a row cut by its token limit ("" for a row that ended itself)."""
+        self.decoder.flush()
+        piece = "" if self.ended else self.decoder.text[self.emitted:]
+        self.emitted += len(piece)
+        self.ended = True
+        return piece
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ COMMANDS = [
     "train",
     "generate",
     "chat",
+    "serve",
     "evaluate",
     "experts",
     "data",
