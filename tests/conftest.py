@@ -37,3 +37,35 @@ def tiny_run(tmp_path_factory, tiny_data):
                      "--set", "eval_every=4", "--set", "keep_last=5", "--set", "samples=0", "--set", "log_every=1"])
     assert code == 0
     return run
+
+
+class BrowserPage:
+    """A Playwright page in the system's headless Chromium, with what it logged and fetched."""
+
+    def __init__(self, page):
+        self.page = page
+        self.errors: list[str] = []  # console errors and uncaught exceptions
+        self.requests: list[str] = []  # every URL the page asked for
+        page.on("console", lambda m: self.errors.append(m.text) if m.type in ("error", "assert") else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("request", lambda r: self.requests.append(r.url))
+
+
+@pytest.fixture
+def browser_page():
+    """A fresh page in Debian's Chromium driven by Playwright (no browser download: the system one
+    is launched by path); the test is skipped where either is missing."""
+    import os
+    import shutil
+
+    chromium = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
+                     if p and os.path.exists(p)), None)
+    if chromium is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield BrowserPage(browser.new_page(viewport={"width": 1100, "height": 760}))
+        finally:
+            browser.close()

@@ -63,6 +63,17 @@ def render_report(analysis: dict[str, Any], images: dict[str, str], *, title: st
     )
 
 
+# The experts' colours, shared with the serve playground: expertColour(e, alpha, number of experts)
+EXPERT_COLOURS_JS = """\
+  // light, clearly different colours (dark text stays readable on them); golden-angle hues past 12 experts
+  const PALETTE = [[244, 163, 163], [160, 196, 245], [170, 222, 150], [247, 200, 130], [206, 176, 240],
+                   [140, 220, 212], [245, 176, 218], [230, 222, 120], [214, 186, 156], [200, 204, 210],
+                   [200, 236, 140], [150, 220, 245]];
+  function expertColour(e, alpha, E) {
+    if (E <= PALETTE.length) return "rgba(" + PALETTE[e].join(", ") + ", " + alpha + ")";
+    return "hsla(" + ((e * 137.508) % 360).toFixed(1) + ", 70%, 76%, " + alpha + ")";
+  }"""
+
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -166,14 +177,8 @@ fair share of 1/E.</dd>
   const focused = new Set();  // experts picked in the legend; when any are, the other tokens are dimmed
   function dimmed(e) { return focused.size > 0 && !focused.has(e); }
 
-  // light, clearly different colours (dark text stays readable on them); golden-angle hues past 12 experts
-  const PALETTE = [[244, 163, 163], [160, 196, 245], [170, 222, 150], [247, 200, 130], [206, 176, 240],
-                   [140, 220, 212], [245, 176, 218], [230, 222, 120], [214, 186, 156], [200, 204, 210],
-                   [200, 236, 140], [150, 220, 245]];
-  function colour(e, alpha) {
-    if (E <= PALETTE.length) return "rgba(" + PALETTE[e].join(", ") + ", " + alpha + ")";
-    return "hsla(" + ((e * 137.508) % 360).toFixed(1) + ", 70%, 76%, " + alpha + ")";
-  }
+%EXPERT_COLOURS%
+  function colour(e, alpha) { return expertColour(e, alpha, E); }
   function pct(x) { return (100 * x).toFixed(1) + "%"; }
   function el(tag, attrs, text) {
     const node = document.createElement(tag);
@@ -303,3 +308,5 @@ fair share of 1/E.</dd>
 </body>
 </html>
 """
+
+_TEMPLATE = _TEMPLATE.replace("%EXPERT_COLOURS%", EXPERT_COLOURS_JS)

@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..analysis.report_html import EXPERT_COLOURS_JS
 from ..data.tokenizer import IM_END, IM_START
 from ..errors import ConfigError
 from ..generation import check_sampling
@@ -141,9 +142,12 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
     async def models():
         return {"object": "list", "data": [model_card()]}
 
+    page = (resources.files("nanomoe.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
+            .replace("/*%EXPERT_COLOURS%*/", EXPERT_COLOURS_JS))
+
     @app.get("/", response_class=HTMLResponse)
     async def playground():
-        return resources.files("nanomoe.serve").joinpath("static/playground.html").read_text()
+        return page
 
     def prepare(body: _Sampling, prompt: list[int], max_tokens: int | None, stop_ids: set[int]) -> Request:
         if body.model is not None and body.model != model_name:
