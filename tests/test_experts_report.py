@@ -2,15 +2,7 @@
 token pieces that join to the text, and report.html in a real headless Chromium (no console errors,
 no network, coloured tokens that follow the layer selector)."""
 
-import base64
 import json
-import os
-import shutil
-import socket
-import subprocess
-import time
-import urllib.request
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -161,131 +153,11 @@ def test_dense_checkpoints_are_refused(data_dir, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# report.html in a real browser, driven over the Chrome DevTools Protocol (stdlib websocket client)
-
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
-                 if p and os.path.exists(p)), None)
-
-
-class DevTools:
-    """The least of a websocket client (RFC 6455) needed to send CDP commands and read events."""
-
-    def __init__(self, ws_url: str, timeout: float = 30.0) -> None:
-        url = urlparse(ws_url)
-        self.sock = socket.create_connection((url.hostname, url.port), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {url.path} HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-                          .encode())
-        response = b""
-        while b"\r\n\r\n" not in response:
-            response += self.sock.recv(4096)
-        assert b" 101 " in response.split(b"\r\n")[0], response
-        self.buffer = response.split(b"\r\n\r\n", 1)[1]
-        self.next_id = 0
-        self.events: list[dict] = []
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("DevTools closed the connection")
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def _send(self, opcode: int, payload: bytes) -> None:
-        n = len(payload)
-        header = bytes([0x80 | opcode])
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 65536:
-            header += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-        else:
-            header += bytes([0x80 | 127]) + n.to_bytes(8, "big")
-        mask = os.urandom(4)  # clients must mask every frame
-        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def _message(self) -> dict:
-        parts = []
-        while True:
-            b0, b1 = self._read(2)
-            n = b1 & 0x7F
-            if n == 126:
-                n = int.from_bytes(self._read(2), "big")
-            elif n == 127:
-                n = int.from_bytes(self._read(8), "big")
-            payload = self._read(n)
-            opcode = b0 & 0x0F
-            if opcode == 0x9:  # ping
-                self._send(0xA, payload)
-                continue
-            if opcode == 0x8:
-                raise ConnectionError("DevTools closed the websocket")
-            parts.append(payload)
-            if b0 & 0x80:  # final fragment
-                return json.loads(b"".join(parts))
-
-    def call(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self._send(0x1, json.dumps({"id": self.next_id, "method": method, "params": params}).encode())
-        while True:
-            msg = self._message()
-            if msg.get("id") == self.next_id:
-                assert "error" not in msg, msg
-                return msg.get("result", {})
-            self.events.append(msg)
-
-    def wait_for(self, event: str, timeout: float = 30.0) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for msg in self.events:
-                if msg.get("method") == event:
-                    return msg
-            self.events.append(self._message())
-        raise TimeoutError(event)
-
-    def js(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result
-        return result["result"].get("value")
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
-    profile = tmp_path / "chromium-profile"
-    proc = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--disable-extensions", f"--user-data-dir={profile}",
-         "--remote-debugging-port=0", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.time() + 60
-        while not (port_file.is_file() and port_file.read_text().strip()) and time.time() < deadline:
-            assert proc.poll() is None, "chromium exited at start"
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as r:
-            page = next(t for t in json.load(r) if t["type"] == "page")
-        devtools = DevTools(page["webSocketDebuggerUrl"])
-        yield devtools
-        devtools.sock.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+# report.html in a real browser (Playwright driving the system Chromium: tests/conftest.py)
 
 
 @pytest.mark.browser
-def test_report_in_headless_chromium(browser, analysis, tmp_path):
+def test_report_in_headless_chromium(browser_page, analysis, tmp_path):
     # a hostile story: token texts that would break out of the page if they were pasted in as HTML
     hostile = ["</script><script>window.pwned=1</script>", "<img src=http://example.invalid/x.png>", " & ",
                "\u2028 ok"]
@@ -294,13 +166,11 @@ def test_report_in_headless_chromium(browser, analysis, tmp_path):
     data = {**analysis, "samples": analysis["samples"] + [{"ids": [1, 2, 3, 4], "tokens": hostile, "layers": routes}]}
     page = write_report(data, tmp_path / "report")["html"]
 
-    for domain in ("Runtime", "Log", "Page", "Network"):
-        browser.call(f"{domain}.enable")
-    browser.call("Page.navigate", url=page.resolve().as_uri())
-    browser.wait_for("Page.loadEventFired")
+    browser = browser_page.page
+    browser.goto(page.resolve().as_uri())
 
     samples = data["samples"]
-    state = browser.js("""(() => {
+    state = browser.evaluate("""() => {
         const toks = [...document.querySelectorAll('.story .tok')];
         return {n: toks.length,
                 colours: [...new Set(toks.map(t => getComputedStyle(t).backgroundColor))],
@@ -310,7 +180,7 @@ def test_report_in_headless_chromium(browser, analysis, tmp_path):
                 swatches: document.querySelectorAll('#legend .swatch').length,
                 images: [...document.images].filter(i => i.complete && i.naturalWidth > 0).length,
                 pwned: window.pwned === 1};
-    })()""")
+    }""")
     assert state["n"] == sum(len(s["tokens"]) for s in samples)
     assert len(state["colours"]) >= 3 and "rgba(0, 0, 0, 0)" not in state["colours"]
     assert state["first"] == [e[0] for e in samples[0]["layers"][0]["experts"]]
@@ -318,27 +188,22 @@ def test_report_in_headless_chromium(browser, analysis, tmp_path):
     assert state["options"] == 2 and state["swatches"] == N_EXPERTS and state["images"] == 3
 
     # clicking an expert in the legend highlights its tokens: all the others are dimmed
-    dimmed = browser.js("""(() => {
+    dimmed = browser.evaluate("""() => {
         document.querySelector('#legend .swatch[data-e="3"]').click();
         return document.querySelectorAll('.story .tok.dim').length;
-    })()""")
+    }""")
     assert dimmed == sum(e[0] != 3 for s in samples for e in s["layers"][0]["experts"]) < state["n"]
     # the layer selector recolours the stories with the other layer's routing (all expert 0 when rigged)
-    layer1 = browser.js("""(() => {
+    layer1 = browser.evaluate("""() => {
         const select = document.getElementById('layer-select');
         select.value = '1';
         select.dispatchEvent(new Event('change'));
         const toks = [...document.querySelectorAll('.story .tok')];
         return {first: [...document.querySelectorAll('.story[data-sample="0"] .tok')].map(t => +t.dataset.e),
                 colours: [...new Set(toks.map(t => getComputedStyle(t).backgroundColor))].length};
-    })()""")
+    }""")
     assert layer1["first"] == [e[0] for e in samples[0]["layers"][1]["experts"]] != state["first"]
     assert layer1["colours"] == 1
 
-    events = browser.events
-    errors = [e for e in events if e.get("method") == "Runtime.exceptionThrown"
-              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
-    assert errors == []
-    requests = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
-    assert [u for u in requests if not u.startswith(("data:", page.resolve().as_uri()))] == []
+    assert browser_page.errors == []
+    assert [u for u in browser_page.requests if not u.startswith(("data:", page.resolve().as_uri()))] == []

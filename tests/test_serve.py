@@ -16,14 +16,13 @@ import httpx
 import openai
 import pytest
 import torch
+from serve_helpers import free_port, get_json, live_server, save_run
 
 from nanomoe.cli import main
 from nanomoe.generation import generate_batch
 from nanomoe.model import GPT
 from nanomoe.presets import get_preset
 from nanomoe.serve.engine import Engine
-
-from serve_helpers import free_port, get_json, live_server, save_run
 
 KEY = "test-key"
 
@@ -326,3 +325,16 @@ def test_signal_lets_the_running_story_finish_and_exits_0(run, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_bench_serve_smoke(capsys):
+    argv = ["bench", "serve", "--preset", "debug", "--clients", "2", "--seconds", "1.5", "--max-tokens", "8",
+            "--max-batch", "4", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    for phase, clients in (("single", 1), ("concurrent", 2)):
+        r = result[phase]
+        assert r["clients"] == clients and r["errors"] == 0 and r["requests"] >= 1
+        assert 0 < r["tokens"] <= 8 * r["requests"] and r["tokens_per_s"] > 0
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["inter_token_p50_ms"] <= r["inter_token_p99_ms"]
+    assert result["tokens_per_s_ratio"] > 0

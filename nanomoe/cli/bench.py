@@ -7,7 +7,7 @@ import importlib
 from . import add_command
 
 # each module nanomoe.bench.<name> defines register(subparsers) for `nanomoe bench <name>`
-BENCHMARKS = ["moe", "train", "generate"]  # data preparation: benchmarks/bench_prepare.py
+BENCHMARKS = ["moe", "train", "generate", "serve"]  # data preparation: benchmarks/bench_prepare.py
 
 
 def cmd_bench(args) -> int:

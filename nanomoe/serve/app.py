@@ -23,7 +23,8 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Request as HttpRequest
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
