@@ -31,9 +31,11 @@ NEVER_IMPORTS = {
                                     "nanomoe.cli", "nanomoe.bench"],
     "nanomoe.evaluation": ["nanomoe.training", "nanomoe.parallelize", "nanomoe.cli", "nanomoe.bench"],
     # the model inherits `generate` from generation.GenerationMixin, so generation sits below it
-    "nanomoe.generation": ["nanomoe.model", "nanomoe.training", "nanomoe.parallelize", "nanomoe.cli", "nanomoe.bench"],
+    "nanomoe.generation": ["nanomoe.model", "nanomoe.training", "nanomoe.parallelize", "nanomoe.serve", "nanomoe.cli",
+                           "nanomoe.bench"],
     "nanomoe.training.trainer": ["nanomoe.cli", "nanomoe.bench"],
     "nanomoe.data": ["nanomoe.training", "nanomoe.cli", "nanomoe.bench"],
+    "nanomoe.serve": ["nanomoe.training", "nanomoe.parallelize", "nanomoe.cli", "nanomoe.bench"],
 }
 
 

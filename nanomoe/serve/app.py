@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..analysis.report_html import EXPERT_COLOURS_JS
-from ..data.tokenizer import IM_END, IM_START
+from ..data.special_tokens import IM_END, IM_START
 from ..errors import ConfigError
 from ..generation import check_sampling
 from .scheduler import Request, Scheduler
