@@ -6,8 +6,7 @@ It records every matrix product (mm, addmm, bmm, baddbmm, with shapes and call c
 with all threads and with one thread (two one-thread products can run side by side, as the MoE
 experts do: half the one-thread time is credited), keeping the faster. Their sum is the shortest a
 step could take; the model FLOPs per step (from the calculator, as the bench counts them) over that
-time, divided by the measured peak (the best of 1024/2048/4096 square products, as the bench),
-is the ceiling. Everything else (softmax, norms, SwiGLU, casts, AdamW) only lowers the real MFU.
+time, divided by the bf16 peak MFU always uses (nanomoe/mfu.py, `nanomoe bench peak`), is the ceiling. Everything else (softmax, norms, SwiGLU, casts, AdamW) only lowers the real MFU.
 
     python benchmarks/mfu_ceiling.py --preset tiny-moe [--json]
     python benchmarks/mfu_ceiling.py --preset tiny-dense
@@ -23,7 +22,7 @@ import torch
 from profile_train_step import profile_train_steps  # the script beside this one
 
 from nanomoe.bench.timing import time_interleaved
-from nanomoe.bench.train import measure_peak
+from nanomoe.mfu import peak_flops
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
@@ -86,8 +85,7 @@ def main() -> None:
         seconds += best * count / args.steps
         batch, m, k, n = shape
         product_flops += 2 * batch * m * k * n * count / args.steps
-    peak_by_size = measure_peak(args.precision, torch.device("cpu"))
-    peak = max(peak_by_size.values())
+    peak = peak_flops(torch.device("cpu")).flops
     model_flops = trainer.flops_per_token * tokens
     report = {
         "preset": args.preset,
@@ -109,7 +107,7 @@ def main() -> None:
         print(f"{args.preset} ({args.precision}, {tokens} tokens per step, {threads} threads): "
               f"{report['product_calls_per_step']:.0f} matrix products per step ({len(calls)} distinct shapes)")
         print(f"  products alone: {seconds * 1e3:.1f} ms per step, {product_flops / seconds / 1e9:.0f} GFLOP/s")
-        print(f"  peak (best square product): {peak / 1e12:.2f} TFLOP/s")
+        print(f"  bf16 peak (nanomoe bench peak): {peak / 1e12:.2f} TFLOP/s")
         print(f"  MFU ceiling: {report['mfu_ceiling']:.3f}  ({report['tokens_per_s_ceiling']:.0f} tokens/s "
               f"if nothing else ran)")
 

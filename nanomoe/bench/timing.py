@@ -74,14 +74,3 @@ def time_interleaved(
                     break
             samples[name].append(seconds)
     return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, device="cpu", size: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of a large square matrix product: the 'peak' that MFU is relative to."""
-    # a private generator: measuring the peak mid-training must not move the training RNG (exact resume)
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    seconds = time_interleaved({"mm": lambda: a @ b}, repeats=repeats, warmup=2, device=device)["mm"]
-    return 2 * size**3 / seconds
-

@@ -1,9 +1,10 @@
 """`nanomoe bench train`: training throughput (tokens/s) and MFU of real training steps.
 
 The steps are the trainer's own (`Trainer.train_step`: data loading, forward, backward, AdamW) on
-the built-in corpus. FLOPs per token come from the calculator (nanomoe/params.py); the peak is the
-best bf16 (or fp32) matrix-product throughput measured on this machine in the same run. The MoE
-preset and its dense twin are stepped alternately so both see the same machine conditions.
+the built-in corpus. MFU is nanomoe/mfu.py's, as in the progress bar: FLOPs per token from the
+calculator over the device's bf16 peak (published for known GPUs, else measured once per machine
+and cached; `--remeasure-peak` measures again). The MoE preset and its dense twin are stepped
+alternately so both see the same machine conditions.
 """
 
 from __future__ import annotations
@@ -12,24 +13,8 @@ import json
 import statistics
 import tempfile
 import time
-from typing import TYPE_CHECKING
 
 from ..cli import add_command
-
-if TYPE_CHECKING:
-    import torch
-
-PEAK_SIZES = (1024, 2048, 4096)
-
-
-def measure_peak(precision: str, device: torch.device) -> dict[int, float]:
-    """Matmul FLOP/s of square products of a few sizes; the best is the machine's practical peak."""
-    import torch
-
-    from .timing import matmul_peak_flops
-
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    return {s: matmul_peak_flops(dtype, device=device, size=s, repeats=5) for s in PEAK_SIZES}
 
 
 def make_trainer(preset: str, args, data_dir, run_dir):
@@ -54,6 +39,7 @@ def run(args) -> dict:
 
     from ..data import builtin_corpus_dir
     from ..malloc import keep_freed_memory
+    from ..mfu import mfu, peak_flops
 
     keep_freed_memory()  # as `nanomoe train` does
 
@@ -64,7 +50,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {p: make_trainer(p, args, data_dir, f"{tmp}/{p}") for p in presets}
         device = next(iter(trainers.values())).device
-        peak_before = measure_peak(args.precision, device)
+        peak = peak_flops(device, remeasure=args.remeasure_peak)
         for trainer in trainers.values():
             for _ in range(args.warmup):
                 trainer.train_step()
@@ -78,9 +64,6 @@ def run(args) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[p].append(time.perf_counter() - t0)
-        peak_after = measure_peak(args.precision, device)  # before and after: the better of each size
-        peak_by_size = {s: max(peak_before[s], peak_after[s]) for s in PEAK_SIZES}
-        peak = max(peak_by_size.values())
 
     results = {}
     for p, trainer in trainers.items():
@@ -93,15 +76,17 @@ def run(args) -> dict:
             "tokens_per_step": tokens,
             "tokens_per_s": tokens_per_s,
             "flops_per_token_train": trainer.flops_per_token,
-            "mfu": tokens_per_s * trainer.flops_per_token / peak,
+            "mfu": mfu(trainer.model_config, trainer.seq_len, tokens_per_s, peak),
         }
     main = results[args.preset]
     report = {
         "preset": args.preset,
         "tokens_per_s": main["tokens_per_s"],
         "mfu": main["mfu"],
-        "peak_flops": peak,
-        "peak_flops_by_size": {str(s): f for s, f in peak_by_size.items()},
+        "peak_flops": peak.flops,
+        "peak_flops_by_size": {str(s): f for s, f in peak.by_size.items()},  # measured peaks only
+        "peak": peak.describe(),
+        "peak_source": peak.source,
         "precision": args.precision,
         "batch_size": args.batch_size,
         "grad_accum": args.grad_accum,
@@ -124,7 +109,7 @@ def run(args) -> dict:
 
 
 def cmd_bench_train(args) -> int:
-    """Training tokens/s and MFU (model FLOPs / measured matmul peak) of real training steps.
+    """Training tokens/s and MFU (model FLOPs / the device's bf16 peak) of real training steps.
 
     Steps the MoE preset and its dense twin alternately on the built-in corpus and reports
     tokens_per_s, mfu and moe_over_dense_step_time. With --nproc N, launches N processes
@@ -143,7 +128,7 @@ def cmd_bench_train(args) -> int:
         for key, value in report.items():
             print(f"{key:28s} {value}")
         return 0
-    print(f"peak {args.precision} matmul: {report['peak_flops'] / 1e12:.2f} TFLOP/s ({report['threads']} threads)")
+    print(f"MFU against {report['peak']} (`nanomoe bench peak`)")
     for name, r in report["models"].items():
         print(f"{name:12s} step {r['step_seconds'] * 1000:7.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
               f"MFU {r['mfu']:.3f}  ({r['tokens_per_step']} tokens/step, {r['flops_per_token_train'] / 1e6:.1f} "
@@ -175,4 +160,6 @@ def register(subparsers) -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) for the distributed measurement")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default="fsdp", help="with --nproc > 1")
+    p.add_argument("--remeasure-peak", action="store_true",
+                   help="measure the bf16 peak again (CPU, unlisted GPUs) instead of using the cached one")
     p.add_argument("--json", action="store_true")

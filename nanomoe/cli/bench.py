@@ -7,11 +7,12 @@ import importlib
 from . import add_command
 
 # each module nanomoe.bench.<name> defines register(subparsers) for `nanomoe bench <name>`
-BENCHMARKS = ["moe", "train", "generate", "serve"]  # data preparation: benchmarks/bench_prepare.py
+BENCHMARKS = ["moe", "train", "generate", "serve", "peak"]  # data preparation: benchmarks/bench_prepare.py
 
 
 def cmd_bench(args) -> int:
-    """Run a benchmark: `nanomoe bench moe`, `nanomoe bench train`, `nanomoe bench generate`.
+    """Run a benchmark: `nanomoe bench moe`, `nanomoe bench train`, `nanomoe bench generate`, `nanomoe bench serve`,
+    `nanomoe bench peak`.
 
     Each prints a table, or one JSON object with --json. Run with nothing else on the machine."""
     args.bench_parser.print_help()

@@ -16,23 +16,10 @@ from typing import Any
 
 import torch
 
+from ..mfu import Peak
 from .plots import plot_run
 
 log = logging.getLogger("nanomoe.train")
-
-_PEAK_FLOPS: dict[tuple[str, str], float] = {}
-
-
-def measured_peak_flops(precision: str, device: torch.device) -> float:
-    """Matrix-product FLOP/s of this machine in the run's compute dtype, measured once per process."""
-    from ..bench.timing import matmul_peak_flops
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    key = (str(dtype), str(device))
-    if key not in _PEAK_FLOPS:
-        _PEAK_FLOPS[key] = matmul_peak_flops(dtype, device=device)
-    return _PEAK_FLOPS[key]
-
 
 class _NoProgress:
     """Stands in for tqdm when the bar is off (other ranks, --no-progress, tests)."""
@@ -51,9 +38,10 @@ class _NoProgress:
 
 
 class _Progress:
-    def __init__(self, total: int, initial: int) -> None:
+    def __init__(self, total: int, initial: int, peak: Peak | None) -> None:
         from tqdm.auto import tqdm
 
+        self.peak_tflops = f" of {peak.flops / 1e12:.3g} TFLOP/s" if peak is not None else ""
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr, smoothing=0.1)
 
@@ -63,7 +51,7 @@ class _Progress:
     def set_postfix(self, row: dict) -> None:
         self.bar.set_postfix_str(
             f"loss {row['loss']:.3f} lr {row['lr']:.2e} {row['tokens_per_s'] / 1000:.1f}k tok/s "
-            f"MFU {row['mfu']:.2f}", refresh=False
+            f"MFU {row['mfu']:.2f}{self.peak_tflops}", refresh=False
         )
 
     def write(self, text: str) -> None:
@@ -117,7 +105,8 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         return self._tb
 
-    def write_config(self, model_config, train_config, data_dir, data_meta, total_steps: int) -> None:
+    def write_config(self, model_config, train_config, data_dir, data_meta, total_steps: int,
+                     peak: Peak | None = None) -> None:
         if not self.enabled:
             return
         from ..params import count_parameters
@@ -134,6 +123,8 @@ class MetricsLogger:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "mfu_peak_flops": peak.flops if peak is not None else None,  # what MFU divides by (nanomoe/mfu.py)
+            "mfu_peak": peak.describe() if peak is not None else None,
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         from ..atomic_io import write_json_atomic
@@ -151,13 +142,8 @@ class MetricsLogger:
         log.info("model: %.2fM parameters (%.2fM active per token); %d steps; run dir %s",
                  counts.total / 1e6, counts.active / 1e6, total_steps, self.run_dir)
 
-    def progress(self, total: int, initial: int, enabled: bool):
-        return _Progress(total, initial) if enabled else _NoProgress()
-
-    def mfu(self, flops_per_s: float, precision: str, device: torch.device) -> float:
-        if not self.enabled:  # other ranks log nothing: skip the seconds-long peak measurement
-            return 0.0
-        return flops_per_s / measured_peak_flops(precision, device)
+    def progress(self, total: int, initial: int, enabled: bool, peak: Peak | None = None):
+        return _Progress(total, initial, peak) if enabled else _NoProgress()
 
     def log_train(self, step: int, row: dict[str, Any]) -> None:
         self._write({"kind": "train", "step": step, "time": time.time(), **row})

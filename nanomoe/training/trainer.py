@@ -23,6 +23,7 @@ from ..data import BatchLoader, check_compatible, load_tokenizer, read_meta
 from ..errors import CheckpointError, ConfigError, NanoMoEError
 from ..evaluation import bytes_per_token, evaluate
 from ..generation import generate
+from ..mfu import mfu, peak_flops
 from ..model import IGNORE_INDEX
 from ..parallelize import build_model, no_sync, parallelize
 from ..params import flops_per_token
@@ -440,14 +441,18 @@ class Trainer:
     def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
         """Train to total_steps (or pause at `stop_at_step`, saving a checkpoint as a signal would)."""
         cfg, state = self.cfg, self.state
+        peak = None  # MFU's denominator; other ranks log nothing
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_incomplete(self.run_dir)
-            self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta, self.total_steps)
+            peak = peak_flops(self.device)  # published for known GPUs, else measured once per machine
+            log.info("MFU is against %s", peak.describe())
+            self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta, self.total_steps, peak)
         if state.step >= self.total_steps and self.dist.is_main:
             log.warning("the run is already at step %d of %d: nothing to train; pass a larger --max-steps to "
                         "continue it", state.step, self.total_steps)
-        progress = self.logger.progress(self.total_steps, state.step, enabled=cfg.progress and self.dist.is_main)
+        progress = self.logger.progress(self.total_steps, state.step, enabled=cfg.progress and self.dist.is_main,
+                                        peak=peak)
         eval_every = cfg.eval_every or self.steps_per_epoch
         window = {"loss": 0.0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
         paused = False
@@ -484,7 +489,7 @@ class Trainer:
                         **metrics,
                         "loss": window["loss"] / window["steps"],
                         "tokens_per_s": tokens_per_s,
-                        "mfu": self.logger.mfu(tokens_per_s * self.flops_per_token, cfg.precision, self.device),
+                        "mfu": mfu(self.model_config, self.seq_len, tokens_per_s, peak) if peak else None,
                         "epoch": state.step / self.steps_per_epoch,
                         "tokens_seen": state.tokens_seen,
                     }
