@@ -22,7 +22,6 @@ K experts per token.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -108,7 +107,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 # Top-p first looks for the nucleus among this many most likely tokens (a full sort of a 2048-token
 # vocabulary takes 65-120 us on the CPU, a sizable share of a small model's decode step:
-# benchmarks/sampling_cost.py)
+# research/sampling_cost.py)
 NUCLEUS_SHORTLIST = 64
 
 
@@ -673,17 +672,3 @@ class TextStream:
         self.emitted += len(piece)
         self.ended = True
         return piece
-
-
-@contextlib.contextmanager
-def num_threads(n: int | None):
-    """Temporarily use n intra-op threads (None: leave as is)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -105,15 +105,6 @@ def hf_config_dict(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_tok
     )
 
 
-def to_hf_config(cfg: ModelConfig, **token_ids):
-    """A transformers LlamaConfig / MixtralConfig object (needs transformers installed)."""
-    from transformers import LlamaConfig, MixtralConfig
-
-    data = hf_config_dict(cfg, **token_ids)
-    data.pop("architectures"), data.pop("model_type"), data.pop("torch_dtype")
-    return (MixtralConfig if cfg.is_moe else LlamaConfig)(**data)
-
-
 def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     """Our weights under Llama/Mixtral names (classic Mixtral expert layout)."""
     cfg: ModelConfig = model.config

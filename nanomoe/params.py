@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 
-GIB = 1024**3
-
 
 @dataclass(frozen=True)
 class ParamCounts:

@@ -47,8 +47,8 @@ def test_bench_train_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
 
 
 def load_benchmark(name: str, monkeypatch):
-    """benchmarks/<name>.py as a module (the scripts import their neighbours by plain name)."""
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    """research/<name>.py as a module (the scripts import their neighbours by plain name)."""
+    root = Path(__file__).resolve().parents[1] / "research"
     monkeypatch.syspath_prepend(str(root))
     spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
@@ -82,3 +82,15 @@ def test_parameter_passes_script_reports_the_floor(tmp_path, monkeypatch, capsys
     assert moe["total_ms"] == pytest.approx(sum(moe["ms"].values()))
     extra = moe["total_ms"] - dense["total_ms"]
     assert report["moe_over_dense_floor"] == pytest.approx((report["dense_step_ms"] + extra) / report["dense_step_ms"])
+
+
+def test_bench_peak_json_names_the_peak_and_its_source(tmp_path, monkeypatch, capsys):
+    import nanomoe.mfu
+
+    monkeypatch.setenv("NANOMOE_CACHE", str(tmp_path))
+    monkeypatch.setattr(nanomoe.mfu, "matmul_flops", lambda size, device, repeats=5: size * 1e9)
+    assert main(["bench", "peak", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["peak_flops"] == 4096e9 and report["source"] == "measured"
+    assert report["peak_flops_by_size"] == {"1024": 1024e9, "2048": 2048e9, "4096": 4096e9}
+    assert (tmp_path / "peak_flops.json").is_file()  # measured once, then cached

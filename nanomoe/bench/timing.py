@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: interleaved repeats, medians, the machine's matmul peak."""
+"""Timing helpers shared by the benchmarks: interleaved repeats, medians, CPU ticks taken by other processes."""
 
 from __future__ import annotations
 

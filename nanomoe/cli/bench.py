@@ -1,4 +1,5 @@
-"""`nanomoe bench moe|train|generate`: benchmarks are scripts that print numbers (JSON with --json)."""
+"""`nanomoe bench moe|train|generate|peak`: the benchmarks users run, scripts that print numbers (JSON with
+--json). The one-off studies behind the docs' figures are in research/ (see research/README.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib
 from . import add_command
 
 # each module nanomoe.bench.<name> defines register(subparsers) for `nanomoe bench <name>`
-BENCHMARKS = ["moe", "train", "generate", "serve", "peak"]  # data preparation: benchmarks/bench_prepare.py
+BENCHMARKS = ["moe", "train", "generate", "serve", "peak"]  # data preparation: research/bench_prepare.py
 
 
 def cmd_bench(args) -> int:

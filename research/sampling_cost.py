@@ -1,6 +1,6 @@
 """Cost of one `sample_next` call on the CPU, per sampling setting, for one row of a vocabulary.
 
-    python benchmarks/sampling_cost.py [--vocab 2048] [--json]
+    python research/sampling_cost.py [--vocab 2048] [--json]
 
 "flat" logits are what a random-weight model gives (top-p must sort the whole vocabulary), "peaked"
 what a trained one gives (the nucleus is among the 64 most likely tokens). Also the torch ops the

@@ -4,7 +4,7 @@ nanomoe does), against shared out among single-threaded worker threads, one per 
 `omp_set_num_threads(1)`, which leaves the caller's threads alone). bf16, contiguous or strided
 (sliced from a stacked [gate | up] weight, as in the layer) expert weights.
 
-    python benchmarks/expert_threads.py [--experts 8] [--rows 1024] [--n-embd 256] [--hidden 1024]
+    python research/expert_threads.py [--experts 8] [--rows 1024] [--n-embd 256] [--hidden 1024]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the dense step's does:
 
     floor = (dense step + MoE passes - dense passes) / dense step
 
-    python benchmarks/parameter_passes.py [--moe-preset tiny-moe] [--dense-preset tiny-dense] [--json]
+    python research/parameter_passes.py [--moe-preset tiny-moe] [--dense-preset tiny-dense] [--json]
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 layers' per-expert matrix products grouped by shape. The numbers in docs/training.md ("Speed")
 come from this script.
 
-    python benchmarks/profile_train_step.py --preset tiny-moe [--steps 5] [--warmup 4] [--rows 22]
-    python benchmarks/profile_train_step.py --preset tiny-dense
+    python research/profile_train_step.py --preset tiny-moe [--steps 5] [--warmup 4] [--rows 22]
+    python research/profile_train_step.py --preset tiny-dense
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ stepped in turn through the native kernels and through the Python path of groupe
 (NANOMOE_NATIVE_EXPERTS switched between steps), with the dense FFN of equal active FLOPs in
 between: a drift in the machine's speed hits all three alike. Prints medians and ratios as JSON.
 
-    python benchmarks/native_experts_ab.py [--expert-hidden 1024] [--dtype bf16|fp32] [--ffn swiglu] [--steps 16]
+    python research/native_experts_ab.py [--expert-hidden 1024] [--dtype bf16|fp32] [--ffn swiglu] [--steps 16]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ call of the grouped expert Function (nanomoe/grouped_ffn.py) as it happens, at e
 with the dense FFN of equal active FLOPs stepped in between. Prints JSON: per thread count the
 median MoE step time, its time in expert products per step, and the dense step time.
 
-    python benchmarks/expert_mm_scaling.py [--threads 1,2] [--steps 8] [--dtype bf16]
+    python research/expert_mm_scaling.py [--threads 1,2] [--steps 8] [--dtype bf16]
 """
 
 from __future__ import annotations

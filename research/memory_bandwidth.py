@@ -2,7 +2,7 @@
 write (a fill) of a buffer much larger than the caches, at one thread and at all threads. The
 memory-bound passes of a training step (AdamW, casts, norms, gathers) cannot beat these.
 
-    python benchmarks/memory_bandwidth.py [--mb 256] [--json]
+    python research/memory_bandwidth.py [--mb 256] [--json]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ its own subprocess, so neither gets a warm BPE cache from the other. Repeats are
 both the median and the minimum wall time are reported, plus the median CPU time (all threads):
 on a shared machine the minimum and the CPU time are the better estimates of what the work costs.
 
-    python benchmarks/bench_prepare.py --source ../shared/data/tinystories [--repeats 5] [--json]
+    python research/bench_prepare.py --source ../shared/data/tinystories [--repeats 5] [--json]
 
 - baseline: `tokenizers.Tokenizer.from_file(...).encode_batch(all documents)` (the documents are
   read before the clock starts)

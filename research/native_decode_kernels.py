@@ -1,7 +1,7 @@
 """Native decode step (nanomoe/csrc/decode_step.cpp): which matrix-product kernel wins at which batch
 size, and how a step's time grows with the position (attention reads the whole prefix).
 
-    python benchmarks/native_decode_kernels.py [--preset tiny-llama] [--batches 1,2,4,8,16,32] [--json]
+    python research/native_decode_kernels.py [--preset tiny-llama] [--batches 1,2,4,8,16,32] [--json]
 
 For every batch size, decode steps (no sampling, no Python loop around them beyond the step call)
 run with each kernel forced in turn, interleaved, best of --repeats:

@@ -2,7 +2,7 @@
 cache slots rounded up to 64 (what `Decoder` does) against reading the whole cache, in one
 process, interleaved. The figures in docs/generation.md and the README come from this script.
 
-    python benchmarks/decode_span_ab.py [--preset tiny-llama] [--batch-size 32] [--new-tokens 256]
+    python research/decode_span_ab.py [--preset tiny-llama] [--batch-size 32] [--new-tokens 256]
                                         [--repeats 3] [--no-compile]
 """
 

@@ -1,7 +1,7 @@
 """What one `at::parallel_for` region costs, the unit the native decode step pays per product and
 attention pass (~37 per token at batch 1).
 
-    python benchmarks/parallel_region_cost.py
+    python research/parallel_region_cost.py
 
 Builds a tiny extension with the native step's OpenMP flags (shares torch's libgomp) and times
 regions of 72 items that do (almost) nothing, at torch's thread count and at one thread.

@@ -5,7 +5,7 @@ take turns step by step, so a drift in the machine's speed hits all four alike; 
 time of each is reported, with the compiled/eager speedups and the MoE/dense ratios both ways.
 Compilation happens during the warmup (inductor needs a C++ compiler; ~15-40 s the first time).
 
-    python benchmarks/train_compile_ab.py [--preset tiny-moe] [--dense-preset tiny-dense] [--steps 12] [--warmup 10]
+    python research/train_compile_ab.py [--preset tiny-moe] [--dense-preset tiny-dense] [--steps 12] [--warmup 10]
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ experts do: half the one-thread time is credited), keeping the faster. Their sum
 step could take; the model FLOPs per step (from the calculator, as the bench counts them) over that
 time, divided by the bf16 peak MFU always uses (nanomoe/mfu.py, `nanomoe bench peak`), is the ceiling. Everything else (softmax, norms, SwiGLU, casts, AdamW) only lowers the real MFU.
 
-    python benchmarks/mfu_ceiling.py --preset tiny-moe [--json]
-    python benchmarks/mfu_ceiling.py --preset tiny-dense
+    python research/mfu_ceiling.py --preset tiny-moe [--json]
+    python research/mfu_ceiling.py --preset tiny-dense
 """
 
 from __future__ import annotations
