@@ -34,6 +34,7 @@ NEVER_IMPORTS = {
     "nanomoe.generation": ["nanomoe.model", "nanomoe.training", "nanomoe.parallelize", "nanomoe.serve", "nanomoe.cli",
                            "nanomoe.bench"],
     "nanomoe.training.trainer": ["nanomoe.cli", "nanomoe.bench"],
+    "nanomoe.mfu": ["nanomoe.training", "nanomoe.parallelize", "nanomoe.evaluation", "nanomoe.cli", "nanomoe.bench"],
     "nanomoe.data": ["nanomoe.training", "nanomoe.cli", "nanomoe.bench"],
     "nanomoe.serve": ["nanomoe.training", "nanomoe.parallelize", "nanomoe.cli", "nanomoe.bench"],
 }
