@@ -285,6 +285,10 @@ def parse_overrides(cls: type, items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON config file into a dict (format chosen by the file extension)."""
     path = Path(path)
@@ -346,5 +350,6 @@ __all__ = [
     "from_dict",
     "parse_value",
     "parse_overrides",
+    "field_names",
     "load_config_file",
 ]
