@@ -125,6 +125,15 @@ def test_ddp_matches_one_process_with_the_same_global_batch(data_dir, single_run
     assert_same_run(out, single_run)
 
 
+def test_ddp_with_muon_matches_one_process(data_dir, tmp_path):
+    # every rank orthogonalizes the same all-reduced gradients: DDP changes nothing for Muon
+    muon = ["--set", "optimizer=muon", "--max-steps", "3", "--set", "eval_every=3"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main(["train", *COMMON, *muon, "--data", str(data_dir), "--out", str(single), "--set", "batch_size=4"]) == 0
+    torchrun("train", *COMMON, *muon, "--data", data_dir, "--out", ddp, "--strategy", "ddp", "--set", "batch_size=2")
+    assert_same_run(ddp, single, steps=range(1, 4))
+
+
 def test_fsdp_matches_one_process_with_the_same_global_batch(fsdp_run, single_run):
     run, _ = fsdp_run
     sharded = run / "checkpoints" / "step-00000006" / ckpt.SHARDED_DIR

@@ -34,3 +34,15 @@ def test_cosine_warms_up_then_decays_to_min_lr():
 def test_constant_is_constant():
     cfg = TrainConfig(schedule="constant", lr=0.5)
     assert {lr_and_beta1(cfg, s, 50)[0] for s in range(50)} == {0.5}
+
+
+def test_wsd_warms_up_holds_the_peak_then_decays_linearly_to_min_lr():
+    cfg = TrainConfig(schedule="wsd", lr=1.0, warmup_steps=10, decay_frac=0.2, min_lr_ratio=0.1)
+    lrs = [lr_and_beta1(cfg, s, 100)[0] for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert set(lrs[10:80]) == {1.0}  # stable until the last 20 steps
+    decay = lrs[80:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    steps = [a - b for a, b in zip(decay, decay[1:])]
+    assert max(steps) == pytest.approx(min(steps))  # linear
+    assert lrs[-1] == pytest.approx(0.1)  # the last step trains at lr * min_lr_ratio

@@ -77,6 +77,7 @@ def cmd_train(args) -> int:
     Examples:
       nanomoe train                                        # tiny-moe, built-in corpus
       nanomoe train --preset tiny-dense --max-steps 2000
+      nanomoe train --max-time 10m --set optimizer=muon    # as many steps as 10 minutes buy
       nanomoe train --preset nanogpt-moe --recipe nanogpt-moe --data tinystories
       nanomoe train --data data/tinystories --set lr=1e-3 --set n_layer=8
       nanomoe train --resume runs/tiny-moe-20261121-120000 --max-steps 4000
@@ -94,6 +95,14 @@ def cmd_train(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_overrides, _ = split_overrides(args.set)
     explicit = dict(max_steps=args.max_steps, strategy=args.strategy, device=args.device, data=args.data)
+    if args.max_time is not None:
+        from ..training.budget import parse_duration
+
+        if args.max_steps is not None:
+            raise ConfigError("pass either --max-time (a time budget) or --max-steps, not both")
+        explicit["max_minutes"] = parse_duration(args.max_time) / 60
+    elif args.max_steps is not None:
+        explicit["max_minutes"] = 0.0  # --max-steps replaces a time budget (a resumed run's, or the recipe's)
     if args.no_progress:
         explicit["progress"] = False
 
@@ -177,6 +186,8 @@ def cmd_train(args) -> int:
                 bpb = f", bits/byte {last['bits_per_byte']:.3f}" if last.get("bits_per_byte") else ""
                 print(f"final validation loss {last['loss']:.4f} (perplexity {last['perplexity']:.2f}{bpb}), "
                       f"padding excluded; run dir: {run_dir}")
+            if result.get("budget_summary"):
+                print(result["budget_summary"])
         return 130 if result["stopped"] else 0
     finally:
         lock.release()
@@ -193,6 +204,9 @@ def register(subparsers) -> None:
                    "`nanomoe prepare`")
     p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     p.add_argument("--max-steps", type=arg(int, "--max-steps", minimum=1), help="optimizer steps to train for")
+    p.add_argument("--max-time", metavar="DURATION",
+                   help="train for a time budget (10m, 90s, 1.5h): the steps it buys are measured in the first "
+                   "steps and saved with the run (same as --set max_minutes=N)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
                    help="continue a run exactly where it stopped (RUN dir or a checkpoint dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

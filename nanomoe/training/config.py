@@ -17,7 +17,9 @@ from ..config import ModelConfig, closest, from_dict, load_config_file, parse_ov
 from ..errors import ConfigError
 from ..presets import resolve_model_config
 
-SCHEDULES = ("cosine", "onecycle", "constant")
+SCHEDULES = ("cosine", "wsd", "onecycle", "constant")
+OPTIMIZERS = ("adamw", "muon")
+MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
 PRECISIONS = ("bf16", "fp16", "fp32")
 DATA_MODES = ("packed", "documents")
 STRATEGIES = ("single", "ddp", "fsdp")
@@ -30,9 +32,12 @@ class TrainConfig:
     data_mode: str = "packed"  # "packed" windows, or "documents" (one padded story per row)
     seq_len: int = 0  # tokens per training sequence; 0 = the model's block_size
 
-    # --- length of the run (max_steps wins when both are set) ---
+    # --- length of the run: a time budget wins over max_steps, which wins over epochs ---
     max_steps: int = 0
     epochs: float = 0.0
+    # minutes of training steps (evaluation and checkpoints not counted); the step count it buys is
+    # measured early in the run and saved with it (training/budget.py)
+    max_minutes: float = 0.0
 
     # --- batch ---
     batch_size: int = 16  # sequences per micro-batch, per process
@@ -42,17 +47,27 @@ class TrainConfig:
     # the same on any number of processes
     global_batch_size: int = 0
 
-    # --- optimizer: AdamW, weight decay only on >= 2-D weights ---
+    # --- optimizer: AdamW (weight decay only on >= 2-D weights), or Muon for the hidden matrices ---
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # cosine and wsd decay to lr * min_lr_ratio
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
-    schedule: str = "cosine"  # "cosine" (linear warmup), "onecycle" (the original NanoGPT-MoE project), "constant"
-    warmup_steps: int = -1  # -1: 5% of the run (cosine); onecycle uses pct_start instead
+    # "cosine" (linear warmup), "wsd" (warmup, stable, linear decay), "onecycle" (the original
+    # NanoGPT-MoE project's), "constant"
+    schedule: str = "cosine"
+    warmup_steps: int = -1  # -1: 5% of the run (cosine, wsd); onecycle uses pct_start instead
     pct_start: float = 0.3  # onecycle: fraction of the run spent increasing the lr
+    decay_frac: float = 0.2  # wsd: fraction of the run spent decaying the lr at the end
+    # Muon (torch.optim.Muon; Jordan 2024, Liu et al. 2025): "match_rms_adamw" scales each matrix's
+    # update to AdamW's RMS (Moonlight), so lr and weight_decay carry over; "original" is Keller
+    # Jordan's sqrt(max(1, rows/cols)), with lr around 0.02
+    muon_lr: float = 0.0  # 0: the same as lr
+    muon_momentum: float = 0.95
+    muon_adjust_lr: str = "match_rms_adamw"
 
     # --- numerics and speed ---
     precision: str = "bf16"  # "bf16" autocast (CPU and GPU), "fp16" autocast + GradScaler (GPU), "fp32"
@@ -82,6 +97,9 @@ class TrainConfig:
     seed: int = 1337
     strategy: str = "single"  # "single", "ddp" or "fsdp" (launch with torchrun)
 
+    # --- optional Weights & Biases logging (pip install nanomoe[wandb]); "" = off ---
+    wandb_project: str = ""
+
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
             raise ConfigError(f"invalid training config: {msg}")
@@ -100,6 +118,21 @@ class TrainConfig:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs < 0:
             fail(f"epochs must be >= 0, got {self.epochs}")
+        if self.max_minutes < 0:
+            fail(f"max_minutes must be >= 0 (0: no time budget), got {self.max_minutes}")
+        if not 0 < self.decay_frac <= 1:
+            fail(f"decay_frac must be in (0, 1], got {self.decay_frac}")
+        if self.optimizer not in OPTIMIZERS:
+            fail(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.muon_adjust_lr not in MUON_LR_ADJUSTMENTS:
+            fail(f"muon_adjust_lr must be one of {MUON_LR_ADJUSTMENTS}, got {self.muon_adjust_lr!r}")
+        if self.muon_lr < 0 or not 0 <= self.muon_momentum < 1:
+            fail("muon_lr must be >= 0 (0: the same as lr) and muon_momentum in [0, 1)")
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            fail("optimizer muon does not run under FSDP (it orthogonalizes whole matrices, which FSDP shards "
+                 "across processes): use --strategy ddp, or --set optimizer=adamw")
+        if self.optimizer == "muon" and self.precision == "fp16":
+            fail("optimizer muon does not take a gradient scaler (fp16): use --set precision=bf16")
         if self.lr <= 0:
             fail(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -33,12 +33,15 @@ class _NoProgress:
     def write(self, text: str) -> None:
         print(text, flush=True)
 
+    def set_total(self, total: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 class _Progress:
-    def __init__(self, total: int, initial: int, peak: Peak | None) -> None:
+    def __init__(self, total: int | None, initial: int, peak: Peak | None) -> None:
         from tqdm.auto import tqdm
 
         self.peak_tflops = f" of {peak.flops / 1e12:.3g} TFLOP/s" if peak is not None else ""
@@ -56,6 +59,11 @@ class _Progress:
 
     def write(self, text: str) -> None:
         self.bar.write(text)
+
+    def set_total(self, total: int) -> None:
+        """A time budget's step count, known after the first steps."""
+        self.bar.total = total
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -105,8 +113,9 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         return self._tb
 
-    def write_config(self, model_config, train_config, data_dir, data_meta, total_steps: int,
+    def write_config(self, model_config, train_config, data_dir, data_meta, total_steps: int | None,
                      peak: Peak | None = None) -> None:
+        """total_steps None: a time budget decides it in the first steps."""
         if not self.enabled:
             return
         from ..params import count_parameters
@@ -139,10 +148,12 @@ class MetricsLogger:
             started.setdefault("resumed", []).append(info)
             info = started
         write_json_atomic(path, info)
-        log.info("model: %.2fM parameters (%.2fM active per token); %d steps; run dir %s",
-                 counts.total / 1e6, counts.active / 1e6, total_steps, self.run_dir)
+        length = f"{total_steps} steps" if total_steps is not None else \
+            f"{train_config.max_minutes:g} minutes of training steps"
+        log.info("model: %.2fM parameters (%.2fM active per token); %s; run dir %s",
+                 counts.total / 1e6, counts.active / 1e6, length, self.run_dir)
 
-    def progress(self, total: int, initial: int, enabled: bool, peak: Peak | None = None):
+    def progress(self, total: int | None, initial: int, enabled: bool, peak: Peak | None = None):
         return _Progress(total, initial, peak) if enabled else _NoProgress()
 
     def log_train(self, step: int, row: dict[str, Any]) -> None:

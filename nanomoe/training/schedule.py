@@ -33,6 +33,18 @@ def lr_and_beta1(cfg: TrainConfig, step: int, total_steps: int) -> tuple[float, 
             return cfg.lr * (step + 1) / warmup, cfg.beta1
         pct = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return _cos_anneal(cfg.lr, cfg.lr * cfg.min_lr_ratio, pct), cfg.beta1
+    if cfg.schedule == "wsd":
+        # warmup-stable-decay (Hu et al. 2024, MiniCPM; Hagele et al. 2024): the peak lr until the
+        # last decay_frac of the run, then linear to lr * min_lr_ratio at the last step
+        warmup = warmup_steps(cfg, total_steps)
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup, cfg.beta1
+        decay_steps = max(1, round(cfg.decay_frac * total_steps))
+        decay_start = max(warmup, total_steps - decay_steps)
+        if step < decay_start:
+            return cfg.lr, cfg.beta1
+        pct = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
+        return cfg.lr + (cfg.lr * cfg.min_lr_ratio - cfg.lr) * pct, cfg.beta1
 
     # One-cycle policy (Smith & Topin 2018) with cosine annealing, two phases: warm up from
     # lr/25 to lr over pct_start of the run while beta1 falls from 0.95 to 0.85, then anneal to

@@ -29,8 +29,10 @@ from ..parallelize import build_model, no_sync, parallelize
 from ..params import flops_per_token
 from ..runtime import DistContext, autocast_context, full_value, is_fsdp, micro_batch_size, resolve_device
 from . import checkpoint as ckpt
+from .budget import TimeBudget
 from .config import TrainConfig
 from .logger import MetricsLogger
+from .optimizers import adamw_param_groups, build_optimizer, load_optimizer_state
 from .schedule import lr_and_beta1
 
 log = logging.getLogger("nanomoe.train")
@@ -41,19 +43,9 @@ class TrainingError(NanoMoEError):
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (>= 2-D: linear weights, embeddings, stacked experts) only; never on
-    biases and norm gains (nanoGPT's rule)."""
-    decay, no_decay = [], []
-    seen = set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW's groups over all of `model`'s trainable parameters (training/optimizers.py)."""
+    unique = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    return adamw_param_groups(unique, weight_decay)
 
 
 @dataclass
@@ -193,7 +185,13 @@ class Trainer:
         # --- length of the run ---
         self.sequences_per_step = self.batch_size * train_config.grad_accum * self.dist.world_size
         self.steps_per_epoch = max(1, self._samples_per_epoch() // self.sequences_per_step)
-        if train_config.max_steps:
+        self.budget = None
+        if train_config.max_minutes:  # the step count is decided in the first steps (budget.py)
+            world = self.dist.world_size
+            self.budget = TimeBudget(train_config.max_minutes * 60,
+                                     reduce_mean=lambda t: self.dist.all_reduce_sum(t) / world)
+            self.total_steps = self.budget.total_steps
+        elif train_config.max_steps:
             self.total_steps = train_config.max_steps
         elif train_config.epochs:
             self.total_steps = max(1, round(train_config.epochs * self.steps_per_epoch))
@@ -208,17 +206,12 @@ class Trainer:
 
         # DDP's wrapper, compiled when asked (FSDP already sharded the model in place)
         self.train_model = parallelize(self.model, train_config, self.dist, self.device)
-        self.optimizer = torch.optim.AdamW(
-            optimizer_param_groups(self.model, train_config.weight_decay),
-            lr=train_config.lr,
-            betas=(train_config.beta1, train_config.beta2),
-            eps=train_config.eps,
-            fused=True,  # one kernel for all parameters: ~10x faster than foreach on CPU too
-        )
+        self.optimizer = build_optimizer(self.model, train_config)
         self.scaler = torch.amp.GradScaler("cuda", enabled=train_config.precision == "fp16")
         # clipping inside the fused AdamW step (one pass over the gradients fewer); not with a
-        # GradScaler (which owns grad_scale) nor with FSDP's sharded DTensor parameters
-        self._clip_in_optimizer = not self.scaler.is_enabled() and not is_fsdp(self.model)
+        # GradScaler (which owns grad_scale) nor with FSDP's sharded DTensor parameters; Muon has none
+        self._clip_in_optimizer = (not self.scaler.is_enabled() and not is_fsdp(self.model)
+                                   and isinstance(self.optimizer, torch.optim.AdamW))
         self.autocast = lambda: autocast_context(train_config.precision, self.device)
         self.flops_per_token = flops_per_token(model_config, self.seq_len)["train"]
         self.state = TrainState()
@@ -259,6 +252,7 @@ class Trainer:
             "last_eval": s.last_eval,
             "data_dir": str(self.data_dir.resolve()),  # absolute: resume works from any directory
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "budget": self.budget.state_dict() if self.budget is not None else None,
         }
 
     def save(self, *, best: bool = False, name: str | None = None, keep: bool = False) -> Path | None:
@@ -311,7 +305,7 @@ class Trainer:
             ckpt.load_model_weights(self.model, ckpt_dir)
             optimizer_state = ckpt.load_optimizer_state(ckpt_dir)
             if optimizer_state is not None:
-                ckpt.load_into_optimizer(self.optimizer, optimizer_state, ckpt_dir)
+                load_optimizer_state(self.optimizer, optimizer_state, ckpt_dir)
             else:
                 self._missing_state(ckpt_dir, "optimizer.pt", "AdamW's moments")
         if state.get("scaler") and self.scaler.is_enabled():
@@ -335,6 +329,9 @@ class Trainer:
             elapsed_seconds=state.get("elapsed_seconds", 0.0),
             last_eval=state.get("last_eval", {}),
         )
+        if self.budget is not None:
+            self.budget.load_state_dict(state.get("budget"), self.state.step, self.state.elapsed_seconds)
+            self.total_steps = self.budget.total_steps
         log.info("resumed from %s at step %d", ckpt_dir, self.state.step)
 
     def _missing_state(self, ckpt_dir: Path, name: str, what: str) -> None:
@@ -351,8 +348,9 @@ class Trainer:
     def _set_lr(self) -> float:
         lr, beta1 = lr_and_beta1(self.cfg, self.state.step, self.total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-            group["betas"] = (beta1, group["betas"][1])
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's groups may have their own peak lr
+            if "betas" in group:
+                group["betas"] = (beta1, group["betas"][1])
         return lr
 
     def train_step(self) -> dict[str, Any] | None:
@@ -423,8 +421,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # evaluation
 
-    def evaluate(self) -> dict[str, Any]:
-        max_batches = self.cfg.eval_batches or None
+    def evaluate(self, whole_split: bool = False) -> dict[str, Any]:
+        max_batches = None if whole_split else self.cfg.eval_batches or None
         result = evaluate(
             self.train_model,
             self.val_loader.eval_batches(self.batch_size, max_batches=max_batches),
@@ -447,12 +445,14 @@ class Trainer:
             ckpt.clean_incomplete(self.run_dir)
             peak = peak_flops(self.device)  # published for known GPUs, else measured once per machine
             log.info("MFU is against %s", peak.describe())
-            self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta, self.total_steps, peak)
+            self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta,
+                                     self.total_steps if self.budget is None or self.budget.decision else None, peak)
         if state.step >= self.total_steps and self.dist.is_main:
             log.warning("the run is already at step %d of %d: nothing to train; pass a larger --max-steps to "
                         "continue it", state.step, self.total_steps)
-        progress = self.logger.progress(self.total_steps, state.step, enabled=cfg.progress and self.dist.is_main,
-                                        peak=peak)
+        undecided = self.budget is not None and self.budget.decision is None
+        progress = self.logger.progress(None if undecided else self.total_steps, state.step,
+                                        enabled=cfg.progress and self.dist.is_main, peak=peak)
         eval_every = cfg.eval_every or self.steps_per_epoch
         window = {"loss": 0.0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
         paused = False
@@ -466,8 +466,15 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 metrics = self.train_step()
-                state.elapsed_seconds += time.perf_counter() - t0
+                step_seconds = time.perf_counter() - t0
+                state.elapsed_seconds += step_seconds
                 state.step += 1
+                if self.budget is not None and self.budget.decision is None:
+                    self.total_steps = self.budget.observe(state.step, step_seconds, state.elapsed_seconds)
+                    if self.budget.decision is not None:
+                        progress.set_total(self.total_steps)
+                        log.info("time budget: %d steps at %.3f s/step", self.total_steps,
+                                 self.budget.decision.seconds_per_step)
                 if metrics is None:
                     state.bad_steps += 1
                     log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)",
@@ -518,7 +525,11 @@ class Trainer:
         elif state.last_eval.get("step") != state.step:
             self._eval_and_save(None)
         result = {"step": state.step, "stopped": paused, "run_dir": str(self.run_dir),
-                  "best_val_loss": state.best_val_loss, "last_eval": state.last_eval}
+                  "best_val_loss": state.best_val_loss, "last_eval": state.last_eval,
+                  "tokens_seen": state.tokens_seen, "elapsed_seconds": state.elapsed_seconds}
+        if self.budget is not None:
+            result["budget"] = self.budget.state_dict()
+            result["budget_summary"] = self.budget.summary(state.step, state.tokens_seen, state.elapsed_seconds)
         if self.dist.is_main:
             self.logger.finish(make_plots=self.cfg.plots)
         return result
