@@ -126,12 +126,21 @@ def test_ddp_matches_one_process_with_the_same_global_batch(data_dir, single_run
 
 
 def test_ddp_with_muon_matches_one_process(data_dir, tmp_path):
-    # every rank orthogonalizes the same all-reduced gradients: DDP changes nothing for Muon
-    muon = ["--set", "optimizer=muon", "--max-steps", "3", "--set", "eval_every=3"]
+    # every rank orthogonalizes the same all-reduced gradients: DDP changes nothing for Muon but the
+    # gradients' summation order, whose last bits Muon's bf16 iteration and Adam's first steps (which
+    # move a weight by about lr whatever its gradient's size) amplify: the losses agree to 1e-5, the
+    # weights to well within one step's size
+    muon = ["--set", "optimizer=muon", "--max-steps", "3"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert main(["train", *COMMON, *muon, "--data", str(data_dir), "--out", str(single), "--set", "batch_size=4"]) == 0
     torchrun("train", *COMMON, *muon, "--data", data_dir, "--out", ddp, "--strategy", "ddp", "--set", "batch_size=2")
-    assert_same_run(ddp, single, steps=range(1, 4))
+    losses, expected = train_losses(ddp), train_losses(single)
+    assert len(expected) == 3
+    for step in expected:
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
+    mine, ref = final_weights(ddp), final_weights(single)
+    for name in ref:
+        torch.testing.assert_close(mine[name], ref[name], atol=3e-3, rtol=0, msg=name)  # lr = 3e-3
 
 
 def test_fsdp_matches_one_process_with_the_same_global_batch(fsdp_run, single_run):

@@ -17,6 +17,8 @@ from ..errors import NanoMoEError
 # Order here is the order in `nanomoe --help`.
 COMMANDS = [
     "train",
+    "study",
+    "upcycle",
     "generate",
     "chat",
     "serve",

@@ -71,11 +71,11 @@ def _check_writable(out: Path) -> None:
 
 
 def cmd_train(args) -> int:
-    """Train a model. With no arguments: tiny-moe on the built-in story corpus (a few CPU minutes),
-    then print sample stories.
+    """Train a model. With no arguments: tiny-moe on the built-in story corpus for 2 minutes of training
+    steps (the default recipe's time budget), then print sample stories.
 
     Examples:
-      nanomoe train                                        # tiny-moe, built-in corpus
+      nanomoe train                                        # tiny-moe, built-in corpus, 2 minutes
       nanomoe train --preset tiny-dense --max-steps 2000
       nanomoe train --max-time 10m --set optimizer=muon    # as many steps as 10 minutes buy
       nanomoe train --preset nanogpt-moe --recipe nanogpt-moe --data tinystories
