@@ -75,6 +75,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.use_tensorboard = tensorboard
         self._tb = None
+        self._wandb = None  # a Weights & Biases run when train_config.wandb_project is set
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # --- writers ---
@@ -148,16 +149,35 @@ class MetricsLogger:
             started.setdefault("resumed", []).append(info)
             info = started
         write_json_atomic(path, info)
+        if train_config.wandb_project:
+            self._start_wandb(train_config.wandb_project, info)
         length = f"{total_steps} steps" if total_steps is not None else \
             f"{train_config.max_minutes:g} minutes of training steps"
         log.info("model: %.2fM parameters (%.2fM active per token); %s; run dir %s",
                  counts.total / 1e6, counts.active / 1e6, length, self.run_dir)
+
+    def _start_wandb(self, project: str, info: dict) -> None:
+        try:
+            import wandb
+        except ImportError:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--set wandb_project={project} needs Weights & Biases: pip install 'nanomoe[wandb]' "
+                              "(or drop wandb_project)") from None
+        # offline with WANDB_MODE=offline (synced later with `wandb sync RUN/wandb/offline-run-*`)
+        self._wandb = wandb.init(project=project, name=self.run_dir.name, dir=str(self.run_dir), config=info,
+                                 job_type="train")
+
+    def _log_wandb(self, prefix: str, step: int, row: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
 
     def progress(self, total: int | None, initial: int, enabled: bool, peak: Peak | None = None):
         return _Progress(total, initial, peak) if enabled else _NoProgress()
 
     def log_train(self, step: int, row: dict[str, Any]) -> None:
         self._write({"kind": "train", "step": step, "time": time.time(), **row})
+        self._log_wandb("train", step, row)
         tb = self._tensorboard()
         if tb is not None:
             for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "load_cv"):
@@ -166,6 +186,7 @@ class MetricsLogger:
 
     def log_eval(self, step: int, result: dict[str, Any]) -> None:
         self._write({"kind": "eval", "step": step, "time": time.time(), **result})
+        self._log_wandb("val", step, result)
         tb = self._tensorboard()
         if tb is not None:
             for key in ("loss", "perplexity", "bits_per_byte", "accuracy"):
@@ -198,6 +219,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self.enabled and make_plots and self.metrics_path.is_file():
             try:
                 plot_run(self.run_dir)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The recipe search of issue #16: `nanomoe study` runs at a 10-minute budget on the TinyStories text,
+# MoE and dense searched with the same candidates, then the winners at 10 minutes twice (at different
+# times) and at 30 minutes. Timings are only meaningful on an otherwise idle machine.
+#
+#   bash scripts/studies.sh            # every study below, in order (several hours)
+#   bash scripts/studies.sh optimizer  # one of them
+#
+# Each study writes studies/<name>/{study.json,study.md,study.png}; copy the tables into
+# docs/training.md ("Studies") and the winners' figures into the README's results section.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NANOMOE=${NANOMOE:-"${NANOMOE_VENV:-.venv}/bin/nanomoe"}
+DATA=${DATA:-data/tinystories}
+MINUTES=${MINUTES:-10}
+[ -f "$DATA/meta.json" ] || "$NANOMOE" prepare --source ../shared/data/tinystories --out "$DATA"
+
+study() {  # study NAME RUN... [-- --set ...]
+  local name=$1; shift
+  "$NANOMOE" study --data "$DATA" --minutes "$MINUTES" --out "studies/$name-${MINUTES}min-$(date +%H%M)" --runs "$@"
+}
+
+baseline()   { study baseline tiny-moe tiny-dense; }
+optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
+lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
+muon_lr()    { study muon-lr tiny-moe:optimizer=muon,lr=1e-3 tiny-moe:optimizer=muon,lr=6e-3 \
+                 tiny-dense:optimizer=muon,lr=1e-3 tiny-dense:optimizer=muon,lr=6e-3; }
+schedule()   { study schedule tiny-moe:schedule=wsd tiny-moe:schedule=wsd,decay_frac=0.4 \
+                 tiny-dense:schedule=wsd tiny-dense:schedule=wsd,decay_frac=0.4; }
+experts()    { study experts tiny-moe:n_experts=16,expert_hidden=256 tiny-moe:n_experts=16,expert_hidden=256,top_k=4 \
+                 tiny-moe:n_experts=32,expert_hidden=128,top_k=4 tiny-moe:n_experts=4,expert_hidden=512; }
+shared()     { study shared tiny-moe:top_k=1,n_shared_experts=1 \
+                 tiny-moe:n_experts=16,expert_hidden=256,top_k=3,n_shared_experts=1; }
+balancing()  { study balancing tiny-moe:aux_loss_coef=0,router_bias_update_rate=1e-3 \
+                 tiny-moe:aux_loss_coef=0.001,router_bias_update_rate=1e-3; }
+regularize() { study regularize tiny-moe:dropout=0.1 tiny-moe:weight_decay=0.0 \
+                 tiny-dense:dropout=0.1 tiny-dense:weight_decay=0.0; }
+shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_size=32 \
+                 tiny-dense:seq_len=128,batch_size=32 tiny-dense:batch_size=32; }
+# After the search: put each side's best settings in WINNER_MOE / WINNER_DENSE (e.g.
+# WINNER_MOE=tiny-moe:optimizer=muon,schedule=wsd) and run the final comparison twice at different
+# times, then once at 30 minutes (MINUTES=30 bash scripts/studies.sh final).
+final()      { study final "${WINNER_MOE:-tiny-moe}" "${WINNER_DENSE:-tiny-dense}"; }
+
+ALL=(baseline optimizer lr muon_lr schedule experts shared balancing regularize shape final)
+[ $# -gt 0 ] || set -- "${ALL[@]}"
+for name in "$@"; do
+  "$name"
+done
