@@ -121,6 +121,13 @@ def test_resume_with_a_new_budget_extends_the_run_at_the_saved_speed(data_dir, t
     assert longer.total_steps == 12 + 12  # 6 more seconds at 0.5 s/step
 
 
+def test_a_budget_added_on_resume_decides_from_the_runs_average_speed(data_dir, tmp_path, monkeypatch):
+    fake_clock(monkeypatch, 0.5)
+    Trainer(model(), quiet(max_steps=4), tmp_path / "run", data_dir).fit()  # 2 s of training
+    resumed = Trainer(model(), quiet(max_minutes=0.1), tmp_path / "run", data_dir, resume_from=tmp_path / "run")
+    assert resumed.total_steps == 4 + 8  # 4 s left at 0.5 s/step, decided at once, no endless schedule
+
+
 def test_a_budget_shorter_than_one_step_is_a_clear_error(data_dir, tmp_path, monkeypatch):
     fake_clock(monkeypatch, 2.0)
     trainer = Trainer(model(), quiet(max_minutes=0.01), tmp_path / "run", data_dir)  # 0.6 s

@@ -107,9 +107,14 @@ class TimeBudget:
     def load_state_dict(self, state: dict[str, Any] | None, step: int, elapsed_seconds: float) -> None:
         """Restore a saved decision (at `step` with `elapsed_seconds` of training). A budget changed
         on resume (`--set max_minutes=...`) is applied at the saved speed, so the run is not measured
-        again mid-way."""
+        again mid-way. A run resumed without a decision (a budget added to a step-count run) decides at
+        once from its average speed so far, so its schedule never restarts as an endless run's."""
         if not state:
-            return
+            if step > 0 and elapsed_seconds > 0:
+                state = dict(budget_seconds=-1.0, seconds_per_step=elapsed_seconds / step, timed_steps=step,
+                             decided_at_step=step, total_steps=step)
+            else:
+                return
         saved = BudgetDecision(**state)
         if saved.budget_seconds != self.budget_seconds:
             bought = max(0, math.floor((self.budget_seconds - elapsed_seconds) / saved.seconds_per_step))

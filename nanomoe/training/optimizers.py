@@ -115,8 +115,11 @@ class MuonWithAdamW:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        ratios = [group["lr_ratio"] for group in self.muon.param_groups]  # this run's muon_lr, not the saved one
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+        for group, ratio in zip(self.muon.param_groups, ratios):
+            group["lr_ratio"] = ratio
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig):
