@@ -78,8 +78,8 @@ def run_study(runs: list[StudyRun], minutes: float, out: str | Path, *, rounds: 
     if rounds < 1:
         raise ConfigError(f"--rounds {rounds}: time at least one step of each run")
     out = Path(out)
-    if (out / "study.json").exists():
-        raise ConfigError(f"{out} already holds a study; pass another --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty (an earlier study?); pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     budget = minutes * 60
 
@@ -104,6 +104,8 @@ def run_study(runs: list[StudyRun], minutes: float, out: str | Path, *, rounds: 
                                        wandb_project=wandb_project or run.train_config.wandb_project)
         trainer = Trainer(run.model_config, cfg, out / run.label, run.data_dir)
         result = trainer.fit()
+        if result["stopped"]:  # Ctrl-C / SIGTERM: the run saved a checkpoint; the study ends here
+            raise KeyboardInterrupt
         final = trainer.evaluate(whole_split=True)
         from .training.logger import read_metrics
 
