@@ -107,7 +107,7 @@ def run_study(runs: list[StudyRun], minutes: float, out: str | Path, *, rounds: 
         if result["stopped"]:  # Ctrl-C / SIGTERM: the run saved a checkpoint; the study ends here
             raise KeyboardInterrupt
         final = trainer.evaluate(whole_split=True)
-        from .training.logger import read_metrics
+        from .training.plots import read_metrics
 
         curve = [{"step": r["step"], "seconds": r["step"] * s, "bits_per_byte": r.get("bits_per_byte"),
                   "loss": r["loss"]} for r in read_metrics(out / run.label) if r["kind"] == "eval"]

@@ -27,9 +27,9 @@ def label_of(spec: str) -> str:
 
 def build_runs(specs: list[str], common: list[str], recipe: str, data: str):
     """Each run's configs: the recipe, then the study's --set, then the run's own key=value items."""
-    from ..config import resolve_model_config
     from ..data import read_meta
     from ..errors import ConfigError
+    from ..presets import resolve_model_config
     from ..study import StudyRun, check_same_tokenizer
     from ..training.config import resolve_train_config, split_overrides
     from .train import resolve_data_dir
