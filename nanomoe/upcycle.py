@@ -18,6 +18,8 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .model import GPT
 from .training import checkpoint as ckpt
+from .training.config import TrainConfig
+from .training.optimizers import build_optimizer
 
 # MoE settings the upcycled model gets unless --set says otherwise (tiny-moe's)
 MOE_DEFAULTS = dict(router="topk", aux_loss_coef=0.01, z_loss_coef=0.001, capacity_factor=0.0, n_shared_experts=0)
@@ -90,8 +92,13 @@ def upcycle_checkpoint(checkpoint: str | Path, out: str | Path, n_experts: int, 
         "upcycled_from": {"checkpoint": str(src.path.resolve()), "step": src.step},
     }
     tokenizer = src.tokenizer.to_json_str() if src.tokenizer is not None else None
+    # a fresh optimizer (no moments yet) and RNG streams seeded as a new run's: resume starts them as saved
+    train_config = TrainConfig.from_dict(src.train_config)
+    optimizer_state = build_optimizer(moe, train_config).state_dict()
+    torch.manual_seed(train_config.seed)
+    rng_state = ckpt.combine_rank_rng_states([ckpt.capture_rng_state()])
     return ckpt.save_checkpoint(
         out, ckpt.checkpoint_name(0), model_state=moe.state_dict(), model_config=moe_config,
-        trainer_state=trainer_state, train_config=src.train_config, tokenizer_json=tokenizer,
-        data_meta=src.data_meta, pointers={"latest": {}},
+        trainer_state=trainer_state, optimizer_state=optimizer_state, rng_state=rng_state,
+        train_config=src.train_config, tokenizer_json=tokenizer, data_meta=src.data_meta, pointers={"latest": {}},
     )
