@@ -25,6 +25,7 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 FFNS = ("relu", "gelu", "swiglu")
 ROUTERS = ("noisy_topk", "topk", "switch")
+KERNELS = ("auto", "torch", "native")  # nanomoe/kernels: which implementation of the ops runs
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -67,6 +68,11 @@ class ModelConfig:
     z_loss_coef: float = 0.0  # ST-MoE router z-loss coefficient (0.001 is typical)
     router_bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing; 0 disables (1e-3 typical)
 
+    # --- implementation (not architecture: any choice computes the same model) ---
+    # "auto": the native C++ kernels on a CPU where they are built, PyTorch's elsewhere; "torch";
+    # "native" (CPU only). NANOMOE_KERNELS=torch|native sets what "auto" means.
+    kernels: str = "auto"
+
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
             raise ConfigError(f"invalid model config: {msg}")
@@ -88,6 +94,8 @@ class ModelConfig:
             fail(f"ffn must be one of {FFNS}, got {self.ffn!r}")
         if self.router not in ROUTERS:
             fail(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.kernels not in KERNELS:
+            fail(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.n_embd % self.n_head != 0:
             fail(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -347,6 +355,7 @@ __all__ = [
     "NORMS",
     "FFNS",
     "ROUTERS",
+    "KERNELS",
     "from_dict",
     "parse_value",
     "parse_overrides",

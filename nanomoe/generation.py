@@ -7,8 +7,8 @@ Layers, from the bottom up:
   every row has its own positions and an attention mask that hides its padding, so a short prompt
   gives the same tokens whether it is alone or batched with longer ones. The one-token decode step
   has fixed shapes at every position (the cache is written at a tensor slot), so `torch.compile`
-  builds it once and reuses it for every token; on the CPU models run it as one C++ call instead
-  (nanomoe/native.py).
+  builds it once and reuses it for every token; with the native kernels, models on the CPU run it as
+  one C++ call instead (the decode step of nanomoe/kernels).
 - `stream`: the token loop, one `Step` per new token position, with early stop per row.
 - `generate` returns a (B, T + new) tensor (also `model.generate(...)`, through `GenerationMixin`,
   which `GPT` inherits; this module needs the model class only for type hints, so the model file
@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 from .checked import number
 from .errors import ConfigError
-from .native import native_decode_available, native_decode_step
-from .ops import apply_rope
+from .model import GPT
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -212,7 +211,7 @@ def _attend_one_query(attn, x_BD: torch.Tensor, rope, cache: StaticKVCache, laye
     q = q.view(B, Hkv, Hq // Hkv, d)  # query heads grouped by the key/value head they share (GQA)
     k, v = k.view(B, Hkv, 1, d), v.view(B, Hkv, 1, d)
     if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = attn.kernels.apply_rope(q, *rope), attn.kernels.apply_rope(k, *rope)
     keys, values = cache.update(layer, 0, k, v)  # (B, Hkv, max_len, d)
     S = visible_BS.shape[1]  # the span: slots past it are empty, and reading them is most of a batched step
     keys, values = keys[:, :, :S], values[:, :, :S]
@@ -255,9 +254,9 @@ def compiled_decode_step():
 
 
 def decode_backend(model: GPT, compile: bool, native: bool = True) -> str:
-    """Which one-token step a Decoder runs: "native" (the C++ step, on the CPU, where it builds and
-    takes the model), "compiled" (torch.compile, dense models) or "eager"."""
-    if compile and native and native_decode_available(model):
+    """Which one-token step a Decoder runs: "native" (the model's kernels have their own step for
+    it: the native C++ step on the CPU), "compiled" (torch.compile, dense models) or "eager"."""
+    if compile and native and model.kernels.decode_unsupported(model) is None:
         return "native"
     return "compiled" if compile and not model.config.is_moe else "eager"
 
@@ -277,10 +276,10 @@ class Decoder:
 
     `experts` holds, per MoE layer, the experts each row's token went to: (B, K) after a step,
     (B, T, K) after prefill (padding included). The prompt always runs through the model itself;
-    with compile=True the one-token steps run compiled, `self.backend` says how (`decode_backend`):
+    with compile=True the one-token steps run compiled, `self.backend` says how:
 
-    - "native": one C++ call per token, dense or MoE (nanomoe/native.py: CPU, fp32 or bf16
-      weights; built once per machine). It reads the model's weights as they are when the decoder
+    - "native": one C++ call per token, dense or MoE: the decode step of the model's native kernels
+      (nanomoe/kernels/decode.py: CPU, fp32 or bf16 weights, eval mode). It reads the model's weights as they are when the decoder
       is built: build a new decoder after changing them.
     - "compiled": `torch.compile` of `_decode_step` for dense models (native=False, or where the
       native step does not apply or cannot be built); the first step pays the compile time.
@@ -313,7 +312,7 @@ class Decoder:
         self.next_slot = 0
         self._slot = torch.zeros(1, dtype=torch.long, device=weight.device)  # reused: no tensor built per token
         self.backend = decode_backend(model, compile, native)
-        self._native = native_decode_step(model, self.cache) if self.backend == "native" else None
+        self._native = model.kernels.decode_step(model, self.cache) if self.backend == "native" else None
         if self.backend == "native" and self._native is None:  # the extension refused the model (it warned)
             self.backend = decode_backend(model, compile, native=False)
         self.compiled = self.backend == "compiled"

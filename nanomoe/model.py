@@ -1,7 +1,9 @@
 """GPT language model, dense or Mixture-of-Experts, readable top to bottom.
 
 Architecture only: mixed precision, torch.compile, activation checkpointing and sharding are applied
-from outside (see nanomoe/parallelize.py and nanomoe/training). The MoE layer lives in moe.py.
+from outside (see nanomoe/parallelize.py and nanomoe/training). The MoE layer lives in nanomoe/moe/.
+Ops with more than one implementation (norms, attention, activations, loss, routing, experts) are
+called through `self.kernels`, the table of the backend `config.kernels` chose (nanomoe/kernels).
 
 Shape legend: B batch, T query positions, S key positions (T plus any cached prefix),
 D model width, Hq query heads, Hkv key/value heads, d head width, V vocabulary.
@@ -9,19 +11,24 @@ D model width, Hq query heads, Hkv key/value heads, d head width, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import ModelConfig
 from .generation import GenerationMixin
-from .moe import GroupedExperts, MoEFeedForward, MoEStats, Router, ffn_activation
-from .ops import RMSNorm, apply_rope, attention_heads, causal_attention_probs, cross_entropy_sum
+from .kernels import Kernels, select
+from .moe import MoEFeedForward, MoEStats
 
 IGNORE_INDEX = -100  # target value excluded from the loss (padding, or positions with no next token)
+
+
+@contextlib.contextmanager
+def _as_is(module: nn.Module):
+    yield
 
 
 @dataclass
@@ -37,11 +44,37 @@ class ModelOutput:
 # Building blocks
 
 
-def make_norm(config: ModelConfig, feeds_matmul: bool = False) -> nn.Module:
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), the norm of Llama and Mixtral."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, feeds_matmul: bool = False, kernels: Kernels | None = None):
+        super().__init__()
+        self.kernels = kernels or select()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.feeds_matmul = feeds_matmul  # only matrix products read the output (a hint for the kernels)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.rms_norm(x, self.weight, self.eps, self.feeds_matmul)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(config: ModelConfig, kernels: Kernels, feeds_matmul: bool = False) -> nn.Module:
     """feeds_matmul: the output is only read by matrix products (not by an fp32 router)."""
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, eps=config.norm_eps, feeds_matmul=feeds_matmul)
+        return RMSNorm(config.n_embd, eps=config.norm_eps, feeds_matmul=feeds_matmul, kernels=kernels)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def _init_linear(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
 
 
 def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,36 +85,6 @@ def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Te
     angles = torch.outer(positions, inv_freq)  # (block_size, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, d)
     return angles.cos(), angles.sin()
-
-
-# Up to this length, causal attention runs as two batched matrix products around a softmax.
-MATMUL_ATTENTION_MAX_T = 384
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) v for q (B, Hq, T, d) and k, v (B, Hkv, T, d).
-
-    Why not F.scaled_dot_product_attention: for short sequences on the CPU, batched matrix products
-    around a softmax train ~1.4x faster at T=256 and ~3x at T=128 than
-    its flash kernel, whose backward is slow; past ~512 positions flash is faster and needs no
-    (T, T) scores in memory. Grouped-query heads share their key/value head without copies.
-    """
-    B, Hq, T, d = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv  # query heads per key/value head
-    q = q.reshape(B * Hkv, G * T, d)  # rows (g, t): the G query heads of one key/value head
-    k, v = k.reshape(B * Hkv, T, d), v.reshape(B * Hkv, T, d)
-    probs = causal_attention_probs(q, k, d**-0.5)  # native: scale, mask and softmax in one pass
-    if probs is None:
-        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
-        mask = torch.full((T, T), float("-inf"), device=q.device, dtype=dtype).triu(1).repeat(G, 1)  # (G*T, T)
-        scores = torch.baddbmm(mask.expand(B * Hkv, G * T, T), q, k.transpose(1, 2), alpha=d**-0.5)
-        # the softmax kernels accumulate half-precision inputs in fp32; an explicit fp32 result would
-        # only add two (T, T) conversions per layer
-        probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-    return torch.bmm(probs, v).view(B, Hq, T, d)
 
 
 class KVCache:
@@ -105,8 +108,9 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         # one fused projection for q, k and v: a single matrix product instead of three
@@ -115,22 +119,17 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def init_weights(self, std: float, resid_std: float) -> None:
+        _init_linear(self.qkv, std)
+        _init_linear(self.proj, resid_std)
+
     def forward(self, x_BTD, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0, attn_mask=None):
         """attn_mask: optional (B, 1, T, S) bool, True where a query may see a key; it replaces the
         causal rule (the caller builds causality and padding into it)."""
         B, T, _ = x_BTD.shape
         Hq, Hkv = self.n_head, self.n_kv_head
         qkv = self.qkv(x_BTD).view(B, T, Hq + 2 * Hkv, self.head_dim)
-        heads = attention_heads(qkv, rope, Hq, Hkv) if kv_cache is None else None  # native: one pass
-        if heads is not None:
-            q, k, v = heads  # (B, H, T, d), contiguous
-        else:
-            # split, not slicing: the backward of a split is one cat, of a slice zeros plus a copy
-            qk, v = qkv.split([Hq + Hkv, Hkv], dim=2)
-            if rope is not None:  # q and k heads rotated together: half the kernels of two calls
-                qk = apply_rope(qk, *rope)
-            q, k = qk.split([Hq, Hkv], dim=2)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d)
+        q, k, v = self.kernels.attention_heads(qkv, rope, Hq, Hkv)  # (B, H, T, d), q and k rotated
 
         mask, is_causal = None, True
         if kv_cache is not None:
@@ -143,12 +142,7 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is not None:
             mask, is_causal = attn_mask, False
         dropout_p = self.dropout if self.training else 0.0
-        if is_causal and mask is None and T <= MATMUL_ATTENTION_MAX_T:
-            y = causal_attention(q, k, v, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=Hkv != Hq
-            )  # (B, Hq, T, d)
+        y = self.kernels.attention(q, k, v, mask, is_causal, dropout_p)  # (B, Hq, T, d)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
@@ -156,33 +150,46 @@ class CausalSelfAttention(nn.Module):
 class FeedForward(nn.Module):
     """Dense feed-forward: relu/gelu MLP, or SwiGLU with fused [gate | up] input projection."""
 
-    def __init__(self, dim: int, hidden: int, activation: str, bias: bool):
+    def __init__(self, dim: int, hidden: int, activation: str, bias: bool, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or select()
         self.activation = activation
         self.fc = nn.Linear(dim, 2 * hidden if activation == "swiglu" else hidden, bias=bias)
         self.proj = nn.Linear(hidden, dim, bias=bias)
 
+    def init_weights(self, std: float, resid_std: float) -> None:
+        _init_linear(self.fc, std)
+        _init_linear(self.proj, resid_std)
+
     def forward(self, x):
-        return self.proj(ffn_activation(self.fc(x), self.activation))
+        return self.proj(self.kernels.activation(self.fc(x), self.activation))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, kernels: Kernels):
         super().__init__()
-        self.attn_norm = make_norm(config, feeds_matmul=True)
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn_norm = make_norm(config, kernels, feeds_matmul=True)
+        self.attn = CausalSelfAttention(config, layer_idx, kernels)
         self.is_moe = config.is_moe_layer(layer_idx)
-        self.ffn_norm = make_norm(config, feeds_matmul=not self.is_moe)  # the router reads it in fp32
+        self.ffn_norm = make_norm(config, kernels, feeds_matmul=not self.is_moe)  # the router reads it in fp32
         if self.is_moe:
             shared = None
             if config.n_shared_experts > 0:
-                shared = FeedForward(config.n_embd, config.n_shared_experts * config.expert_hidden, config.ffn, config.bias)
-            self.ffn = MoEFeedForward(config, shared_expert=shared)
+                shared = FeedForward(config.n_embd, config.n_shared_experts * config.expert_hidden, config.ffn,
+                                     config.bias, kernels)
+            self.ffn = MoEFeedForward(config, shared_expert=shared, kernels=kernels)
         else:
-            self.ffn = FeedForward(config.n_embd, config.ffn_hidden, config.ffn, config.bias)
+            self.ffn = FeedForward(config.n_embd, config.ffn_hidden, config.ffn, config.bias, kernels)
         self.ffn_dropout = nn.Dropout(config.dropout)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, resid_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.attn.init_weights(std, resid_std)
+        self.ffn_norm.reset_parameters()
+        self.ffn.init_weights(std, resid_std)
 
     def forward(self, x, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0, attn_mask=None, valid=None):
         x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, attn_mask)
@@ -203,11 +210,13 @@ class GPT(GenerationMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        # which implementation of the ops runs, decided once (for the device it is built on)
+        self.kernels = select(config.kernels, torch.get_default_device())
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.emb_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.final_norm = make_norm(config, feeds_matmul=True)
+        self.blocks = nn.ModuleList([Block(config, i, self.kernels) for i in range(config.n_layer)])
+        self.final_norm = make_norm(config, self.kernels, feeds_matmul=True)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -217,39 +226,32 @@ class GPT(GenerationMixin, nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter and buffer. Also used after building on the meta device.
+    def init_weights(self, materialize=None) -> None:
+        """(Re)initialize every parameter and buffer; also used after building on the meta device.
 
-        Walks `named_modules()` once, touching each module's own parameters only when visiting it:
-        parallelize.init_sharded_weights relies on that to materialize one module at a time."""
+        Each part initializes its own parameters (`init_weights` of blocks, attention, FFNs, MoE
+        layers), in a fixed order drawing from the CPU RNG. `materialize(module)`, a context
+        manager, if given, surrounds each part: FSDP passes one that gathers the part's shards into
+        full tensors and scatters them back (parallelize.init_sharded_weights)."""
+        materialize = materialize or _as_is
         cfg = self.config
         std = cfg.init_std
         # residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2) so the residual stream's variance
         # does not grow with depth
         resid_std = std / math.sqrt(2 * cfg.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_residual = name.endswith(("attn.proj", "ffn.proj", "shared_expert.proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_residual else std)
-                if name.endswith("router.noise"):  # Shazeer et al.: the noise std starts at softplus(0)
-                    nn.init.zeros_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.w_in, mean=0.0, std=std)
-                nn.init.normal_(module.w_out, mean=0.0, std=resid_std)
-                if module.b_in is not None:
-                    nn.init.zeros_(module.b_in)
-                    nn.init.zeros_(module.b_out)
-            elif isinstance(module, Router):
-                module.selection_bias.zero_()
+        with materialize(self.tok_emb):
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
+        if self.pos_emb is not None:
+            with materialize(self.pos_emb):
+                nn.init.normal_(self.pos_emb.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            with materialize(block):
+                block.init_weights(std, resid_std)
+        with materialize(self.final_norm):
+            self.final_norm.reset_parameters()
+        if not cfg.tie_embeddings:
+            with materialize(self.lm_head):
+                nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
         if cfg.position == "rope":
             device = self.tok_emb.weight.device
             cos, sin = rope_cache(cfg, device=None if device.type == "meta" else device)
@@ -310,7 +312,7 @@ class GPT(GenerationMixin, nn.Module):
         if targets is not None:
             # loss in fp32 and summed over valid targets, so padding never counts and an all-padding
             # batch gives 0 rather than NaN
-            loss_sum = cross_entropy_sum(logits.view(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX)
+            loss_sum = self.kernels.cross_entropy_sum(logits.view(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX)
             n = (targets != IGNORE_INDEX).sum()
             out.loss = loss_sum / n.clamp(min=1)
             out.n_loss_tokens = n

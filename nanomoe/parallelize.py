@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 
+from . import kernels
 from .errors import ConfigError
 from .model import GPT
 from .runtime import DistContext, is_fsdp
@@ -48,6 +49,8 @@ def build_model(model_config, train_config, ctx: DistContext, device: torch.devi
     CPU RNG seeded by train_config.seed, module by module: single, DDP and FSDP at any world size
     start from the same weights.
     """
+    # the kernels for the device it trains on (built on the CPU or the meta device, then moved)
+    model_config = model_config.replace(kernels=kernels.resolve(model_config.kernels, device))
     sharded = train_config.strategy == "fsdp" and ctx.enabled
     if sharded:
         with torch.device("meta"):
@@ -89,40 +92,31 @@ def shard_model(model, ctx: DistContext, precision: str, device: torch.device) -
 @torch.no_grad()
 def init_sharded_weights(model) -> None:
     """`model.init_weights()` for a sharded model: every parameter gets exactly the values a full
-    single-process build gets from the same seed, while at most one module's parameters exist in full
-    (on the CPU) at any time.
+    single-process build gets from the same seed, while only one part of the model (a block, the
+    embeddings, the head) exists in full (on the CPU) at any time.
 
-    init_weights visits `model.named_modules()` in order, drawing each module's parameters from the
-    CPU RNG. It is handed a walk that swaps the visited module's sharded parameters for full-size
-    CPU tensors and, when init_weights moves on, keeps this rank's shard of them. (DTensor's own
-    random init would not do: on CPU it fills every rank's shard with the same numbers.)
+    init_weights initializes the parts in a fixed order from the CPU RNG, each inside
+    `materialize(part)`: here that swaps the part's sharded parameters for full-size CPU tensors and
+    afterwards keeps this rank's shard of them. (DTensor's own random init would not do: on CPU it
+    fills every rank's shard with the same numbers.)
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    visit_in_order = model.named_modules
-    visited = []
+    @contextlib.contextmanager
+    def materialize(part: torch.nn.Module):
+        sharded = [(module, k, p) for module in part.modules() for k, p in module._parameters.items()
+                   if isinstance(p, DTensor)]
+        full = [torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype)) for _, _, p in sharded]
+        for (module, k, _), f in zip(sharded, full):
+            module._parameters[k] = f
+        try:
+            yield
+        finally:
+            for (module, k, p), f in zip(sharded, full):
+                p.copy_(distribute_tensor(f.data, p.device_mesh, p.placements, src_data_rank=None))
+                module._parameters[k] = p
 
-    def materializing_walk():
-        for name, module in visit_in_order():
-            visited.append(name)
-            sharded = {k: p for k, p in module._parameters.items() if isinstance(p, DTensor)}
-            full = {k: torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype)) for k, p in sharded.items()}
-            module._parameters.update(full)
-            try:
-                yield name, module
-            finally:
-                for k, p in sharded.items():
-                    local = distribute_tensor(full[k].data, p.device_mesh, p.placements, src_data_rank=None)
-                    p.copy_(local)
-                    module._parameters[k] = p
-
-    model.named_modules = materializing_walk
-    try:
-        model.init_weights()
-    finally:
-        del model.named_modules
-    if not visited:  # the shards would hold uninitialized memory
-        raise RuntimeError("GPT.init_weights no longer walks self.named_modules(); update init_sharded_weights")
+    model.init_weights(materialize)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def activation_elements_per_token(cfg: ModelConfig) -> dict[str, float]:
 
     `low`: tensors produced by matrix products (bf16 under autocast, fp32 otherwise);
     `fp32`: the residual stream, norm statistics, router and loss tensors (always fp32).
-    An estimate: it lists the saved inputs/outputs of each op in model.py and moe.py.
+    An estimate: it lists the saved inputs/outputs of each op in model.py and nanomoe/moe.
     """
     D, d = cfg.n_embd, cfg.head_dim
     q_width, kv_width = cfg.n_head * d, cfg.n_kv_head * d

@@ -2,11 +2,13 @@
 
 Runs the layer of `nanomoe bench moe` (default shape: 4096 tokens, n_embd 256, 8 experts x hidden
 1024, top-2, swiglu; bf16 autocast) forward+backward, and times every `torch.mm` / `torch.addmm`
-call of the grouped expert Function (nanomoe/grouped_ffn.py) as it happens, at each thread count,
+call of the grouped expert Function (nanomoe/kernels/grouped_ffn.py) as it happens, at each thread count,
 with the dense FFN of equal active FLOPs stepped in between. Prints JSON: per thread count the
 median MoE step time, its time in expert products per step, and the dense step time.
 
-    python research/expert_mm_scaling.py [--threads 1,2] [--steps 8] [--dtype bf16]
+    NANOMOE_KERNELS=torch python research/expert_mm_scaling.py [--threads 1,2] [--steps 8] [--dtype bf16]
+
+(the torch kernels: the native ones make no torch.mm calls to time)
 """
 
 from __future__ import annotations

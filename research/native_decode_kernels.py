@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from nanomoe import native
 from nanomoe.generation import Decoder
+from nanomoe.kernels import extension
 from nanomoe.model import GPT
 from nanomoe.presets import resolve_model_config
 
@@ -51,12 +51,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    module = native.load_extension()
+    module = extension.load_extension()
     if module is None:
         raise SystemExit("the native decode step could not be built on this machine")
     cfg = resolve_model_config(args.preset, None, [])
     torch.manual_seed(0)
-    model = GPT(cfg).eval().to(torch.bfloat16)
+    model = GPT(cfg.replace(kernels="native")).eval().to(torch.bfloat16)
     batches = [int(b) for b in args.batches.split(",")]
 
     kernels: dict[int, dict[str, float]] = {}

@@ -1,8 +1,8 @@
 """The MoE layer with and without the native expert kernels (csrc/experts.cpp), in one process.
 
 Forward+backward of the layer of `nanomoe bench moe` (4096 tokens, n_embd 256, 8 experts, top-2),
-stepped in turn through the native kernels and through the Python path of grouped_ffn.py
-(NANOMOE_NATIVE_EXPERTS switched between steps), with the dense FFN of equal active FLOPs in
+stepped in turn through the native kernels and through the torch backend (its grouped Function in
+Python; the layer's kernels switched between steps), with the dense FFN of equal active FLOPs in
 between: a drift in the machine's speed hits all three alike. Prints medians and ratios as JSON.
 
     python research/native_experts_ab.py [--expert-hidden 1024] [--dtype bf16|fp32] [--ffn swiglu] [--steps 16]
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import torch
 
 from nanomoe.bench import moe as bench_moe
+from nanomoe.kernels import NATIVE, TORCH
 from nanomoe.malloc import keep_freed_memory
 
 
@@ -42,12 +42,13 @@ def main() -> None:
     xs, grad_out = bench_moe.make_inputs(shape, "cpu", n=8)
     moe_step = bench_moe.make_step(*candidates["nanomoe"], xs, grad_out, args.dtype, "cpu")
     dense_step = bench_moe.make_step(*candidates["dense"], xs, grad_out, args.dtype, "cpu")
-    runs = {"native": ("1", moe_step), "python": ("0", moe_step), "dense": ("1", dense_step)}
+    layer = candidates["nanomoe"][0]
+    runs = {"native": (NATIVE, moe_step), "python": (TORCH, moe_step), "dense": (NATIVE, dense_step)}
 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(args.steps + 1):
-        for name, (flag, step) in runs.items():
-            os.environ["NANOMOE_NATIVE_EXPERTS"] = flag
+        for name, (kernels, step) in runs.items():
+            layer.router.kernels = layer.experts.kernels = kernels
             for _ in range(9 if rep == 0 else 1):  # warmup: every batch's shapes once
                 t0 = time.perf_counter()
                 step()

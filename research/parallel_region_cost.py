@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils import cpp_extension
 
-from nanomoe.native import FLAGS
+from nanomoe.kernels.extension import FLAGS
 
 SOURCE = r"""
 #include <torch/extension.h>

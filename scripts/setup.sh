@@ -56,3 +56,6 @@ import torch
 build = f"CUDA {torch.version.cuda} build, {torch.cuda.device_count()} GPU(s) visible" if torch.version.cuda else "CPU build"
 print(f"torch {torch.__version__}: {build}")
 PYEOF
+# nanomoe's native CPU kernels (nanomoe/kernels/csrc), compiled for this machine once (cached under
+# ~/.cache/torch_extensions); without a compiler it says so and training uses the torch kernels
+$PY -m nanomoe.kernels.build

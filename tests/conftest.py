@@ -5,12 +5,12 @@ import pytest
 
 @pytest.fixture(scope="session")
 def native_extension():
-    """The compiled native extension (nanomoe/csrc); the test is skipped where it cannot be built."""
-    from nanomoe import native
+    """The compiled native extension (nanomoe/kernels/csrc); the test is skipped where it cannot be built."""
+    from nanomoe.kernels import extension as build
 
-    extension = native.load_extension()
+    extension = build.load_extension()
     if extension is None:
-        pytest.skip(f"the native kernels did not build: {native._build_error}")
+        pytest.skip(f"the native kernels did not build: {build.build_error()}")
     return extension
 
 

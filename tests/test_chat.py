@@ -93,12 +93,12 @@ def test_experts_on_shows_each_tokens_experts(tokenizer):
     assert "layer 7 is not an MoE layer" in out.getvalue()
 
 
-def test_compiled_chat_decodes_natively_with_the_same_story_and_experts(tokenizer):
+def test_compiled_chat_decodes_natively_with_the_same_story_and_experts(tokenizer, native_extension):
     """--compile on the CPU: the native step (MoE included) tells the same greedy story, experts shown."""
     eager, eager_out = session_for(tokenizer)
     native_out = io.StringIO()
-    native = ChatSession(make_model(tokenizer), tokenizer, ChatSettings(max_new_tokens=10), out=native_out,
-                         compile=True)
+    native = ChatSession(make_model(tokenizer, kernels="native"), tokenizer, ChatSettings(max_new_tokens=10),
+                         out=native_out, compile=True)
     for session in (eager, native):
         run(session, ["/temp 0", "/experts on", "The cat"])
     assert native.decoder is not None and native.decoder.backend == "native"

@@ -1,5 +1,5 @@
-"""The fused native ops (csrc/fused_ops.cpp: cross entropy, rotary embeddings, SwiGLU) against
-float64 references and against the PyTorch paths of nanomoe/ops.py."""
+"""The native backend's fused ops (csrc/fused_ops.cpp: cross entropy, rotary embeddings, SwiGLU,
+RMSNorm, attention) against float64 references and against the torch backend (nanomoe/kernels)."""
 
 import platform
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanomoe import native, ops
+from nanomoe.kernels import NATIVE, TORCH, resolve
+from nanomoe.kernels import extension as build
+from nanomoe.kernels import native as native_backend
 from nanomoe.model import GPT, rope_cache
 from nanomoe.presets import get_preset
 
@@ -17,10 +19,13 @@ def module(native_extension):
     return native_extension
 
 
-def use(monkeypatch, kernels):
-    """Route nanomoe.ops through `kernels` (the extension module) or through PyTorch (None)."""
+ops = NATIVE  # the native backend: its kernels where they apply, the reference elsewhere
+
+
+def use(monkeypatch, module):
+    """Run the native backend's kernels from `module` (an extension build); the list records each use."""
     used = []
-    monkeypatch.setattr(ops, "_native_ops", lambda *a: used.append(kernels) or kernels)
+    monkeypatch.setattr(native_backend, "_ext", lambda: used.append(module) or module)
     return used
 
 
@@ -152,17 +157,20 @@ MODELS = {  # an MoE (its experts have their own kernels) and a dense SwiGLU mod
 
 
 def loss_and_grads(monkeypatch, kernels, kind, dtype):
+    """Loss and gradients of a small model on the native backend with the extension build `kernels`,
+    or on the torch backend (None)."""
     used = use(monkeypatch, kernels)
     torch.manual_seed(0)
     preset, overrides = MODELS[kind]
-    model = GPT(get_preset(preset, vocab_size=128, block_size=32, **overrides))
+    backend = "torch" if kernels is None else "native"
+    model = GPT(get_preset(preset, vocab_size=128, block_size=32, kernels=backend, **overrides))
     idx = torch.randint(0, 128, (2, 32))
     targets = torch.randint(0, 128, (2, 32))
     targets[1, 20:] = -100
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out = model(idx, targets)
     out.loss.backward()
-    assert used and all(u is kernels for u in used)
+    assert bool(used) == (kernels is not None) and all(u is kernels for u in used)
     return out.loss.detach(), [p.grad for p in model.parameters()]
 
 
@@ -178,14 +186,21 @@ def test_a_model_trains_the_same_through_the_fused_ops(module, monkeypatch, kind
 
 
 def test_the_pytorch_path_where_the_kernels_do_not_apply(module, monkeypatch):
+    used = use(monkeypatch, module)
     x = torch.randn(4, 8, dtype=torch.float64)
-    assert ops._native_ops(x) is None  # float64
-    assert ops._native_ops(x.float()) is module
-    monkeypatch.setenv("NANOMOE_NATIVE_OPS", "0")
-    assert ops._native_ops(x.float()) is None
-    monkeypatch.setenv("NANOMOE_NATIVE_OPS", "1")
+    torch.testing.assert_close(ops.swiglu(x), TORCH.swiglu(x))  # float64: the reference
+    assert not used
+    ops.swiglu(x.float())
+    assert used == [module]
+    # the environment only says what "auto" means; an explicit choice stands
+    monkeypatch.delenv("NANOMOE_KERNELS", raising=False)
+    monkeypatch.delenv("NANOMOE_NATIVE", raising=False)
+    assert resolve("auto") == "native"
+    monkeypatch.setenv("NANOMOE_KERNELS", "torch")
+    assert resolve("auto") == "torch" and resolve("native") == "native"
+    monkeypatch.setenv("NANOMOE_KERNELS", "auto")
     monkeypatch.setenv("NANOMOE_NATIVE", "0")
-    assert ops._native_ops(x.float()) is None
+    assert resolve("auto") == "torch"
 
 
 @pytest.mark.slow
@@ -193,7 +208,7 @@ def test_the_portable_build_matches(monkeypatch):
     """Without AVX-512 (most laptops) every fused op takes its scalar loop."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the baseline build is an x86-64 target")
-    portable = native.build_extension(["-O3", "-march=x86-64", "-fopenmp"])
+    portable = build.build_extension(["-O3", "-march=x86-64", "-fopenmp"])
     for dtype in ("fp32", "bf16"):
         loss, grads = loss_and_grads(monkeypatch, portable, "dense", dtype)
         ref_loss, ref_grads = loss_and_grads(monkeypatch, None, "dense", dtype)
@@ -260,7 +275,7 @@ def test_causal_softmax_matches_float64(module, monkeypatch, dtype, groups, T):
 
     ref, ref_grads = grads_of(reference, [q.to(dtype).double(), k.to(dtype).double()], grad_out)
     used = use(monkeypatch, module)
-    out, grads = grads_of(lambda a, b: ops.causal_attention_probs(a, b, 0.25), [q.to(dtype), k.to(dtype)], grad_out)
+    out, grads = grads_of(lambda a, b: native_backend.causal_attention_probs(a, b, 0.25), [q.to(dtype), k.to(dtype)], grad_out)
     assert used and out.dtype == dtype
     later = ~torch.ones(T, T, dtype=torch.bool).tril().repeat(groups, 1)
     assert out[:, later].abs().max() == 0  # later keys get exactly nothing
@@ -274,22 +289,28 @@ def test_causal_softmax_keeps_a_nan(module, monkeypatch):
     use(monkeypatch, module)
     q, k = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
     k[0, 0, 0] = float("nan")
-    probs = ops.causal_attention_probs(q, k, 0.5)
+    probs = native_backend.causal_attention_probs(q, k, 0.5)
     assert torch.isnan(probs[0, :, 0]).all() and torch.isnan(probs[0, 2, :3]).all()
 
 
 @pytest.mark.parametrize("native_kernels", [True, False])
 def test_a_norm_feeding_a_matmul_hands_it_bf16_under_autocast(module, monkeypatch, native_kernels):
     """Under autocast a norm read only by matrix products yields the bf16 they would cast it to, and
-    takes their bf16 gradient as it is: the same numbers as an fp32 norm followed by the cast."""
-    from nanomoe.ops import RMSNorm
+    takes their bf16 gradient as it is: the same numbers as an fp32 norm followed by the cast. (A
+    CPU trick of the native backend, in its kernel and in its PyTorch fallback; the torch backend
+    leaves the cast to the product.)"""
+    from nanomoe.model import RMSNorm
 
-    use(monkeypatch, module if native_kernels else None)
+    use(monkeypatch, module)
+    if not native_kernels:  # the native backend's fallback for norms its kernel does not take
+        monkeypatch.setattr(native_backend, "_takes", lambda *tensors: False)
     torch.manual_seed(0)
-    norm, plain = RMSNorm(64, feeds_matmul=True), RMSNorm(64)
+    norm, plain = RMSNorm(64, feeds_matmul=True, kernels=NATIVE), RMSNorm(64, kernels=NATIVE)
+    torch_norm = RMSNorm(64, feeds_matmul=True, kernels=TORCH)
     with torch.no_grad():
         norm.weight.normal_()
         plain.weight.copy_(norm.weight)
+        torch_norm.weight.copy_(norm.weight)
     x = torch.randn(3, 10, 64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     grad_out = torch.randn(3, 10, 64).bfloat16()
@@ -297,6 +318,8 @@ def test_a_norm_feeding_a_matmul_hands_it_bf16_under_autocast(module, monkeypatc
         y, y_plain = norm(x), plain(x2)
     assert y.dtype == torch.bfloat16 and y_plain.dtype == torch.float32
     assert torch.equal(y, y_plain.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch_norm(x2).dtype == torch.float32
     y.backward(grad_out)
     y_plain.backward(grad_out.float())
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-7)
@@ -315,18 +338,16 @@ def test_double_backward_through_a_native_op_raises_instead_of_dropping_terms(mo
     y = ops.rms_norm(x, w, 1e-5)
     (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     assert grad_x.requires_grad  # a gradient penalty built on it is not silently constant...
-    with pytest.raises(RuntimeError, match="differentiate twice"):  # ...its backward says why it cannot run
+    with pytest.raises(RuntimeError, match="no autograd formula"):  # ...its backward says why it cannot run
         (grad_x.square().sum() + y.sum()).backward()
 
 
 def test_fp16_autocast_scores_fall_back_to_torch(module):
     """Under an fp16 autocast the scores are half precision, which the kernel does not take."""
-    from nanomoe.model import causal_attention
-
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 1, 2, 8, 16).unbind(0)
     with torch.autocast("cpu", dtype=torch.float16):
-        out = causal_attention(q, k, v)
+        out = native_backend.matmul_causal_attention(q, k, v)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out.float(), expected, rtol=0.02, atol=0.02)
 

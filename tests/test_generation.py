@@ -272,8 +272,9 @@ def test_stop_strings_cut_the_text_before_them(tokenizer):
 
 @pytest.fixture
 def torch_compile(monkeypatch):
-    """compile=True through torch.compile, not the native step (tests/test_native_decode.py has that)."""
-    monkeypatch.setenv("NANOMOE_NATIVE_DECODE", "0")
+    """compile=True through torch.compile, not the native step (tests/test_native_decode.py has that):
+    models built with the torch kernels."""
+    monkeypatch.setenv("NANOMOE_KERNELS", "torch")
 
 
 @pytest.mark.slow

@@ -161,7 +161,7 @@ def test_noisy_router_starts_with_zero_noise_weights_and_zero_selection_bias():
 
 @pytest.mark.parametrize("n_head, n_kv_head", [(4, 4), (4, 2), (4, 1)])
 def test_matmul_causal_attention_equals_sdpa_with_gradients(n_head, n_kv_head):
-    from nanomoe.model import causal_attention
+    from nanomoe.kernels.native import matmul_causal_attention as causal_attention
 
     torch.manual_seed(0)
     q = torch.randn(2, n_head, 17, 8, requires_grad=True)
@@ -181,7 +181,7 @@ def test_matmul_causal_attention_equals_sdpa_with_gradients(n_head, n_kv_head):
 
 
 def test_long_sequences_use_sdpa_and_agree_with_the_matmul_path(monkeypatch):
-    import nanomoe.model as model_module
+    import nanomoe.kernels.native as model_module  # the native backend's CPU cut-off
 
     torch.manual_seed(0)
     model = GPT(get_preset("debug")).eval()

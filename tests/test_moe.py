@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanomoe.grouped_ffn import grouped_ffn, make_plan
+from nanomoe.kernels import select
 from nanomoe.model import GPT, FeedForward
 from nanomoe.moe import (
     MoEFeedForward,
@@ -21,18 +21,24 @@ from nanomoe.presets import get_preset
 
 @pytest.fixture(autouse=True, params=["native", "python"])
 def expert_path(request, monkeypatch):
-    """Every test here runs through both expert paths on the CPU: the native kernels
-    (csrc/experts.cpp) and the Python loop of grouped_ffn.py."""
-    if request.param == "python":
-        monkeypatch.setenv("NANOMOE_NATIVE_EXPERTS", "0")
-    else:
-        from nanomoe import native
+    """Every test here runs on both kernel backends on the CPU: the native kernels
+    (csrc/experts.cpp) and the torch backend (its grouped Function in Python)."""
+    monkeypatch.delenv("NANOMOE_NATIVE", raising=False)
+    monkeypatch.setenv("NANOMOE_KERNELS", "torch" if request.param == "python" else "native")
+    if request.param == "native":
+        from nanomoe.kernels import extension
 
-        monkeypatch.delenv("NANOMOE_NATIVE", raising=False)
-        monkeypatch.delenv("NANOMOE_NATIVE_EXPERTS", raising=False)
-        if native.experts_module() is None:
-            pytest.skip(f"the native kernels did not build: {native._build_error}")
+        if extension.load_extension() is None:
+            pytest.skip(f"the native kernels did not build: {extension.build_error()}")
     return request.param
+
+
+def make_plan(*args, **kwargs):
+    return select().expert_plan(*args, **kwargs)
+
+
+def grouped_ffn(*args):
+    return select().grouped_ffn(*args)
 
 
 def make_layer(router="topk", top_k=2, n_shared=0, ffn="swiglu", bias=False, capacity_factor=0.0, n_experts=4):

@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-from nanomoe import native
 from nanomoe.generation import Decoder, generate_batch
+from nanomoe.kernels import decode
+from nanomoe.kernels import extension as build
 from nanomoe.model import GPT
 from nanomoe.presets import get_preset
 
@@ -31,7 +32,7 @@ ARCHITECTURES = {
 
 def make_model(arch: str, **changes) -> GPT:
     torch.manual_seed(0)
-    model = GPT(get_preset("debug", **{**ARCHITECTURES[arch], **changes})).eval()
+    model = GPT(get_preset("debug", **{"kernels": "native", **ARCHITECTURES[arch], **changes})).eval()
     with torch.no_grad():  # biases and norm weights away from their 0 / 1 init, so a wrong one shows
         for p in model.parameters():
             if p.ndim == 1:
@@ -43,8 +44,8 @@ def make_model(arch: str, **changes) -> GPT:
 
 @pytest.fixture(scope="module")
 def extension():
-    module = native.load_extension()
-    assert module is not None, f"the native decode step did not build: {native._build_error}"
+    module = build.load_extension()
+    assert module is not None, f"the native decode step did not build: {build.build_error()}"
     return module
 
 
@@ -120,13 +121,13 @@ def test_the_portable_build_without_avx512_gives_the_same_logits(extension):
     everywhere) must compile and match the model. Its own build, cached like the main one."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the baseline build is an x86-64 target")
-    portable = native.build_extension(["-O3", "-march=x86-64", "-fopenmp"])
+    portable = build.build_extension(["-O3", "-march=x86-64", "-fopenmp"])
     assert not portable.has_avx512_bf16()
     for arch in ("llama", "nanogpt-moe"):
         model = make_model(arch)
         prompts = [[1, 2, 3], [4]]
         eager, other = Decoder(model, 2, 32), Decoder(model, 2, 32)
-        step = native.NativeDecodeStep(portable, model, other.cache)
+        step = decode.NativeDecodeStep(portable, model, other.cache)
         with torch.inference_mode():
             ref, _ = eager.prefill(prompts)
             other.prefill(prompts)
@@ -203,14 +204,16 @@ def test_a_decoder_keeps_the_kernel_thresholds_it_was_built_with(extension):
 def test_models_the_native_step_does_not_cover_fall_back(monkeypatch):
     dense, moe = make_model("llama"), make_model("mixtral")
     assert Decoder(dense, 1, 16).backend == "eager"  # compile=False
-    monkeypatch.setenv("NANOMOE_NATIVE_DECODE", "0")
-    assert Decoder(dense, 1, 16, compile=True).backend == "compiled"
-    assert Decoder(moe, 1, 16, compile=True).backend == "eager"  # the graph breaks at every MoE layer
-    monkeypatch.delenv("NANOMOE_NATIVE_DECODE")
+    # the torch kernels have no step of their own
+    dense_torch, moe_torch = make_model("llama", kernels="torch"), make_model("mixtral", kernels="torch")
+    assert Decoder(dense_torch, 1, 16, compile=True).backend == "compiled"
+    assert Decoder(moe_torch, 1, 16, compile=True).backend == "eager"  # the graph breaks at every MoE layer
+    assert Decoder(dense, 1, 16, compile=True, native=False).backend == "compiled"
+    assert Decoder(moe, 1, 16, compile=True, native=False).backend == "eager"
     half = make_model("llama").to(torch.float16)
-    assert "float16" in native.unsupported_reason(half)
+    assert "float16" in decode.unsupported_reason(half)
     mixed = make_model("llama")
     mixed.lm_head.to(torch.bfloat16)
-    assert "several dtypes" in native.unsupported_reason(mixed)
+    assert "several dtypes" in decode.unsupported_reason(mixed)
     training = make_model("llama").train()  # dropout and router noise are not in the native step
-    assert "training mode" in native.unsupported_reason(training)
+    assert "training mode" in decode.unsupported_reason(training)

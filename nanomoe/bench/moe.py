@@ -2,7 +2,7 @@
 
 Candidates, all at the same shape, timed round-robin in one process (median of --repeats):
 
-- nanomoe    MoEFeedForward: router + the grouped dispatch of grouped_ffn.py
+- nanomoe    MoEFeedForward: router + dispatch + grouped experts (nanomoe/moe, the default kernels)
 - reference  moe_forward_reference: the plain per-expert loop the tests pin the fast path to
 - dense      the model's dense FeedForward with equal active FLOPs: hidden = top_k * expert_hidden,
              same activation (for swiglu one fused D -> 2 * top_k * H projection, then down)

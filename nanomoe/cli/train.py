@@ -119,9 +119,13 @@ def cmd_train(args) -> int:
         run_dir = Path(args.out) if args.out else ckpt_dir.parent.parent
         model_cfg = ckpt.read_model_config(ckpt_dir)
         ckpt.check_config_fits_weights(ckpt_dir, model_cfg)  # before the trainer allocates the model
+        kernels = [o for o in model_overrides if o.split("=", 1)[0].strip() == "kernels"]
+        model_overrides = [o for o in model_overrides if o not in kernels]  # the implementation may change
         if model_overrides:
             raise ConfigError("model fields cannot change on --resume (the weights fix them); drop "
                               + ", ".join(model_overrides))
+        if kernels:
+            model_cfg = model_cfg.replace(kernels=kernels[-1].split("=", 1)[1].strip())
         saved_train = ckpt.read_json(ckpt_dir / "train_config.json")
         train_cfg = TrainConfig.from_dict(saved_train)
         changes = resolve_train_config(overrides=args.set, **explicit).to_dict()

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..generation import Decoder, StaticKVCache, padded_positions_and_mask
-from ..native import native_decode_available
+from ..generation import Decoder, StaticKVCache, decode_backend, padded_positions_and_mask
 
 
 class Engine:
@@ -44,7 +43,7 @@ class Engine:
         self.rows: list[int] = []  # the sequence in each row in use, in row order
         self.moe_layers = [i for i, block in enumerate(model.blocks) if block.is_moe]
         # the native step where it applies; never torch.compile (a compilation per bucket and span)
-        self.compile = native and native_decode_available(model)
+        self.compile = native and decode_backend(model, compile=True) == "native"
         self._decoders: dict[int, Decoder] = {}
         self.backend = self._decoder(1).backend
 

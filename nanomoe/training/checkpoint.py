@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .. import safe_dcp
+from .. import kernels, safe_dcp
 from ..atomic_io import (
     fsync_dir,
     fsync_file,
@@ -462,7 +462,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best", device: str | torch.
     ckpt_dir = resolve_checkpoint(path, prefer)
     cfg = read_model_config(ckpt_dir)
     check_config_fits_weights(ckpt_dir, cfg)
-    model = GPT(cfg)
+    model = GPT(cfg.replace(kernels=kernels.resolve(cfg.kernels, device)))  # the kernels for `device`
     load_model_weights(model, ckpt_dir)
     model.to(device).eval()
     tokenizer = None

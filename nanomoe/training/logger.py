@@ -115,7 +115,7 @@ class MetricsLogger:
         return self._tb
 
     def write_config(self, model_config, train_config, data_dir, data_meta, total_steps: int | None,
-                     peak: Peak | None = None) -> None:
+                     peak: Peak | None = None, kernels: str | None = None) -> None:
         """total_steps None: a time budget decides it in the first steps."""
         if not self.enabled:
             return
@@ -128,6 +128,7 @@ class MetricsLogger:
             "data_dir": str(data_dir),
             "data": {k: v for k, v in data_meta.items() if k != "tokenizer"},
             "total_steps": total_steps,
+            "kernels": kernels,  # the kernel backend that ran (model.kernels asks; "auto" resolves per device)
             "total_params": counts.total,
             "active_params": counts.active,
             "torch": torch.__version__,

@@ -203,6 +203,7 @@ class Trainer:
         # built on the meta device, sharded under FSDP, then initialized from train_config.seed:
         # identical initial weights on every rank and for every strategy
         self.model = build_model(model_config, train_config, self.dist, self.device)
+        self.kernels = self.model.kernels.name  # the backend config.kernels chose for this device
 
         # DDP's wrapper, compiled when asked (FSDP already sharded the model in place)
         self.train_model = parallelize(self.model, train_config, self.dist, self.device)
@@ -248,6 +249,7 @@ class Trainer:
             "elapsed_seconds": s.elapsed_seconds,
             "total_steps": self.total_steps,
             "world_size": self.dist.world_size,
+            "kernels": self.kernels,
             "loader": self.train_loader.state_dict(),
             "last_eval": s.last_eval,
             "data_dir": str(self.data_dir.resolve()),  # absolute: resume works from any directory
@@ -293,7 +295,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         ckpt_dir = ckpt.resolve_checkpoint(path, prefer="latest")
         saved_cfg = ckpt.read_model_config(ckpt_dir)
-        if saved_cfg != self.model_config:
+        if saved_cfg.replace(kernels=self.model_config.kernels) != self.model_config:  # kernels may change
             raise ConfigError(
                 f"checkpoint {ckpt_dir} was trained with a different model config; resume without changing "
                 "model fields (the saved one is in model_config.json)"
@@ -443,10 +445,14 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_incomplete(self.run_dir)
+            print(f"nanomoe train: {self.model_config.n_layer}-layer {'MoE' if self.model_config.is_moe else 'dense'} "
+                  f"model on {self.device}, kernels={self.kernels} (asked: {self.model_config.kernels}), "
+                  f"{self.total_steps} steps -> {self.run_dir}", flush=True)
             peak = peak_flops(self.device)  # published for known GPUs, else measured once per machine
             log.info("MFU is against %s", peak.describe())
             self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta,
-                                     self.total_steps if self.budget is None or self.budget.decision else None, peak)
+                                     self.total_steps if self.budget is None or self.budget.decision else None, peak,
+                                     kernels=self.kernels)
         if state.step >= self.total_steps and self.dist.is_main:
             log.warning("the run is already at step %d of %d: nothing to train; pass a larger --max-steps to "
                         "continue it", state.step, self.total_steps)

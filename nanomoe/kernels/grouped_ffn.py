@@ -1,6 +1,9 @@
-"""Grouped expert feed-forward: one autograd Function with a hand-written backward.
+"""The torch backend of the grouped expert FFN: one autograd Function with a hand-written backward.
 
-Shape legend (as in moe.py):
+Its definition is the per-expert loop `GroupedExperts.expert_forward` (nanomoe/moe/experts.py);
+tests/test_moe.py holds this Function (and the native kernels) to it.
+
+Shape legend (as in nanomoe/moe):
     N  tokens      D  model width     E  experts     K  experts per token (top_k)
     H  expert hidden width            R  rows of the expert-sorted buffers (kept assignments,
                                          each expert's block padded to a multiple of `row_multiple`)
@@ -32,73 +35,10 @@ are never read and their gradients are exactly zero.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class ExpertPlan:
-    """Where every assignment goes. Built once per forward from the router's choices."""
-
-    token_R: torch.Tensor  # int64 (R,): token of each expert-sorted row (0 for padding rows)
-    slot_R: torch.Tensor  # int64 (R,): flat k-major assignment k*N + n of each row (K*N for padding)
-    row_KN: torch.Tensor  # int64 (K*N,): row of each assignment; R (a spare zero row) if dropped
-    rows_per_expert: list[int]  # size of each expert's block of rows, padding included (sums to R)
-    n_kept: int  # assignments that survived the capacity limit (N*K when dropless)
-
-
-def make_plan(
-    expert_indices_NK: torch.Tensor,
-    n_experts: int,
-    capacity: int | None,
-    row_multiple: int = 1,
-    valid_N: torch.Tensor | None = None,
-) -> ExpertPlan:
-    """Sort the N*K assignments by expert; with a capacity, keep the first `capacity` of each expert.
-
-    The flat order is k-major (all first choices, then all second choices) so the stable sort puts
-    first choices ahead within each expert and capacity drops second choices first (GShard); within
-    a rank, earlier tokens win. Each expert's block is padded to a multiple of `row_multiple` rows.
-    Tokens with valid_N False (padding) are dropped: no expert computes them and they take no capacity.
-    """
-    N, K = expert_indices_NK.shape
-    device = expert_indices_NK.device
-    native = _native_module(expert_indices_NK, torch.float32)
-    if native is not None:  # the same plan as one counting sort (csrc/experts.cpp)
-        token_R, slot_R, row_KN, rows_per_expert, n_kept = native.experts_plan(
-            expert_indices_NK.long(), n_experts, -1 if capacity is None else capacity, row_multiple,
-            _NONE if valid_N is None else valid_N,
-        )
-        return ExpertPlan(token_R, slot_R, row_KN, rows_per_expert, n_kept)
-    flat_expert = expert_indices_NK.t().reshape(-1)  # (K*N,)
-    if valid_N is not None:  # padding goes to a sentinel expert that sorts last and is cut off
-        flat_expert = torch.where(valid_N.repeat(K), flat_expert, n_experts)
-    order = torch.argsort(flat_expert, stable=True)
-    counts_E = torch.bincount(flat_expert, minlength=n_experts + 1)[:n_experts]
-    if valid_N is not None:
-        order = order[: int(counts_E.sum())]
-    if capacity is not None:
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_in_expert = torch.arange(order.numel(), device=device) - starts_E.repeat_interleave(counts_E)
-        order = order[rank_in_expert < capacity]
-        counts_E = counts_E.clamp(max=capacity)
-    n_kept = order.numel()
-    padded_E = (counts_E + row_multiple - 1) // row_multiple * row_multiple
-    # row of the i-th kept assignment = i + (padding rows of the experts before its own)
-    shift_E = (torch.cumsum(padded_E, 0) - padded_E) - (torch.cumsum(counts_E, 0) - counts_E)
-    row_A = torch.arange(n_kept, device=device) + shift_E.repeat_interleave(counts_E)
-    rows_per_expert = padded_E.tolist()
-    R = sum(rows_per_expert)
-
-    token_R = torch.zeros(R, dtype=torch.long, device=device)
-    token_R[row_A] = order % N
-    slot_R = torch.full((R,), N * K, dtype=torch.long, device=device)
-    slot_R[row_A] = order
-    row_KN = torch.full((N * K,), R, dtype=torch.long, device=device)
-    row_KN[order] = row_A
-    return ExpertPlan(token_R, slot_R, row_KN, rows_per_expert, n_kept)
+from .plan import ExpertPlan
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -107,12 +47,6 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(x.dtype, weight.dtype)
-
-
-def row_multiple_for(device: torch.device, dtype: torch.dtype) -> int:
-    """Expert blocks are padded to this many rows: 32 where matmul kernels are compiled per shape
-    (oneDNN, CPU half precision), 1 elsewhere (MKL fp32 and cuBLAS pick kernels without compiling)."""
-    return 32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
 
 
 def grouped_ffn(
@@ -165,9 +99,6 @@ def _sum_over_k(rows_KND: torch.Tensor, gate_KN: torch.Tensor | None = None) -> 
 class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan: ExpertPlan, activation: str, dtype):
-        ctx.native = _native_module(x_ND, dtype, x_ND, w_in, w_out, b_in, b_out) if x_ND.shape[0] else None
-        if ctx.native is not None:
-            return _native_forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan, activation, dtype)
         with torch.autocast(x_ND.device.type, enabled=False):
             N, D = x_ND.shape
             K = gate_KN.shape[0]
@@ -220,8 +151,6 @@ class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward is not itself differentiable
     def backward(ctx, dout_ND):
-        if ctx.native is not None:
-            return _native_backward(ctx, dout_ND)
         x_RD, h_RH, u_RH, s_RH, a_RH, y_KND, gate_KN, w_in_c, w_out_c = ctx.saved_tensors
         plan: ExpertPlan = ctx.plan
         x_dtype, w_in_dtype, w_out_dtype, b_dtype = ctx.dtypes
@@ -294,96 +223,3 @@ class _GroupedFFN(torch.autograd.Function):
             db_in, db_out = db_in.to(b_dtype), db_out.to(b_dtype)
 
         return dx_ND.to(x_dtype), dgate_KN, dw_in.to(w_in_dtype), dw_out.to(w_out_dtype), db_in, db_out, None, None, None
-
-
-# ---------------------------------------------------------------------------------------------
-# The same Function through the native kernels (csrc/experts.cpp) on the CPU: each expert's whole
-# forward (weight casts, gather, products, activation) and backward (its rows' output gradients,
-# products, activation, fp32 weight gradients) on one thread, experts shared out over the threads;
-# the combine, the gate gradients and the way back to the tokens as fp32-accumulating loops. Same
-# products and relu/gelu kernels as above; the SwiGLU is one fused loop (rounded once where the
-# Python path rounds silu(g) first), silu is recomputed rather than stored, and the combine rounds
-# once where the Python path rounds each product.
-
-ACTIVATIONS = {"relu": 0, "gelu": 1, "swiglu": 2}
-_NONE = torch.empty(0)  # an absent tensor argument of the kernels
-
-
-def _native_module(x_ND, dtype, *tensors):
-    """The extension when the native kernels apply (CPU; compute dtype and every given tensor fp32 or
-    bf16), else None."""
-    if x_ND.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if any(t is not None and (t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu") for t in tensors):
-        return None
-    from . import native
-
-    return native.experts_module()
-
-
-def _native_forward(ctx, x_ND, gate_KN, w_in, w_out, b_in, b_out, plan: ExpertPlan, activation: str, dtype):
-    N, D = x_ND.shape
-    E, H = w_out.shape[0], w_out.shape[1]
-    R = plan.token_R.numel()
-    glu = activation == "swiglu"
-
-    def cast(t):  # biases are small: cast here, contiguous per half
-        return _NONE if t is None else t.detach().to(dtype).contiguous()
-
-    new = x_ND.new_empty
-    x_RD = new(R, D, dtype=dtype)
-    w_g, w_o = new(E, D, H, dtype=dtype), new(E, H, D, dtype=dtype)
-    w_u = new(E, D, H, dtype=dtype) if glu else _NONE
-    h_RH, a_RH = new(R, H, dtype=dtype), new(R, H, dtype=dtype)
-    u_RH = new(R, H, dtype=dtype) if glu else _NONE
-    y_RD = new(R + 1, D, dtype=dtype)  # + the zero row that dropped assignments read
-    y_RD[R].zero_()
-    out_ND = new(N, D, dtype=dtype)
-    gate_KN32 = gate_KN.detach().float().contiguous()
-    with torch.autocast("cpu", enabled=False):  # the kernels run in `dtype`, on the worker threads too
-        ctx.native.experts_forward(
-            x_ND.detach().contiguous(), plan.token_R, plan.rows_per_expert, ACTIVATIONS[activation],
-            w_in.detach(), w_out.detach(), cast(None if b_in is None else b_in[:, :H]),
-            cast(None if b_in is None or not glu else b_in[:, H:]), cast(b_out), plan.row_KN, gate_KN32,
-            x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, out_ND,
-        )
-    ctx.save_for_backward(x_RD, h_RH, u_RH, a_RH, y_RD, gate_KN32, w_g, w_u, w_o)
-    ctx.plan, ctx.activation, ctx.has_bias = plan, activation, b_in is not None
-    ctx.dtypes = (x_ND.dtype, w_in.dtype, w_out.dtype, None if b_in is None else b_in.dtype, gate_KN.dtype)
-    ctx.in_width = w_in.shape[2]
-    return out_ND
-
-
-def _native_backward(ctx, dout_ND):
-    x_RD, h_RH, u_RH, a_RH, y_RD, gate_KN32, w_g, w_u, w_o = ctx.saved_tensors
-    plan: ExpertPlan = ctx.plan
-    x_dtype, w_in_dtype, w_out_dtype, b_dtype, gate_dtype = ctx.dtypes
-    R, D = x_RD.shape
-    K, N = gate_KN32.shape
-    E, H = w_o.shape[0], w_o.shape[1]
-    glu = ctx.activation == "swiglu"
-    new = x_RD.new_empty
-    dx_ND = new(N, D, dtype=x_dtype)
-    dgate_KN = new(K, N, dtype=torch.float32) if ctx.needs_input_grad[1] else _NONE
-    dw_in = new(E, D, ctx.in_width, dtype=w_in_dtype)
-    dw_out = new(E, H, D, dtype=w_out_dtype)
-    db_in = x_RD.new_zeros(E, ctx.in_width, dtype=torch.float32) if ctx.has_bias else _NONE
-    db_out = x_RD.new_zeros(E, D, dtype=torch.float32) if ctx.has_bias else _NONE
-    dx_RD = new(R + 1, D)  # the spare last row stays zero for dropped assignments
-    dx_RD[R].zero_()
-    gate_ext = torch.cat([gate_KN32.reshape(-1), gate_KN32.new_zeros(1)])  # padding rows read the 0
-    ctx.native.experts_backward(
-        dout_ND.to(x_RD.dtype).contiguous(), plan.token_R, plan.slot_R, gate_ext, plan.row_KN, plan.rows_per_expert,
-        ACTIVATIONS[ctx.activation], x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD,
-        dx_ND, dgate_KN, dw_in, dw_out, db_in, db_out,
-        new(R, D), new(R, H), new(R, H) if glu else _NONE, dx_RD, torch.empty_like(w_g),
-        torch.empty_like(w_u) if glu else _NONE, torch.empty_like(w_o),
-    )
-    for e, n in enumerate(plan.rows_per_expert):
-        if n == 0:  # an expert with no tokens gets an exactly zero gradient
-            dw_in[e].zero_()
-            dw_out[e].zero_()
-    dgate_KN = dgate_KN.to(gate_dtype) if ctx.needs_input_grad[1] else None
-    db_in = db_in.to(b_dtype) if ctx.has_bias else None
-    db_out = db_out.to(b_dtype) if ctx.has_bias else None
-    return dx_ND, dgate_KN, dw_in, dw_out, db_in, db_out, None, None, None
