@@ -23,6 +23,8 @@ NEVER_IMPORTS = {
     "nanomoe.model": ["nanomoe.runtime", "nanomoe.parallelize", "nanomoe.training", "nanomoe.evaluation",
                       "nanomoe.cli", "nanomoe.bench"],
     "nanomoe.moe": ["nanomoe.runtime", "nanomoe.parallelize", "nanomoe.training", "nanomoe.cli"],
+    "nanomoe.kernels": ["nanomoe.model", "nanomoe.moe", "nanomoe.config", "nanomoe.runtime", "nanomoe.parallelize",
+                        "nanomoe.training", "nanomoe.evaluation", "nanomoe.generation", "nanomoe.cli", "nanomoe.bench"],
     "nanomoe.config": ["nanomoe.presets", "nanomoe.model", "nanomoe.training", "nanomoe.cli"],
     "nanomoe.runtime": ["nanomoe.parallelize", "nanomoe.training", "nanomoe.evaluation", "nanomoe.generation",
                         "nanomoe.cli", "nanomoe.bench"],
