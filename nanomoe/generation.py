@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from .checked import number
 from .errors import ConfigError
-from .model import GPT
 
 if TYPE_CHECKING:
     from .model import GPT
