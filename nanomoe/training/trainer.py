@@ -447,7 +447,7 @@ class Trainer:
             ckpt.clean_incomplete(self.run_dir)
             print(f"nanomoe train: {self.model_config.n_layer}-layer {'MoE' if self.model_config.is_moe else 'dense'} "
                   f"model on {self.device}, kernels={self.kernels} (asked: {self.model_config.kernels}), "
-                  f"{self.total_steps} steps -> {self.run_dir}", flush=True)
+                  f"{self.total_steps or 'budgeted'} steps -> {self.run_dir}", flush=True)
             peak = peak_flops(self.device)  # published for known GPUs, else measured once per machine
             log.info("MFU is against %s", peak.describe())
             self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta,
