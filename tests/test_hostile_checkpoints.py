@@ -205,7 +205,10 @@ def test_a_second_sigterm_waits_for_the_final_save(tiny_run, tmp_path):
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err.decode()
+    # the second signal must not cut the save short: the run ends as stopped (130), or, when the
+    # save had already finished, the second signal may end the exiting process; the save is whole
+    saved = "stopped by SIGTERM at step" in err.decode()
+    assert proc.returncode == 130 or (proc.returncode == -signal.SIGTERM and saved), err.decode()
     step = json.loads((run / "latest.json").read_text())["step"]
     assert cli("checkpoint", "verify", run / f"checkpoints/step-{step:08d}").code == 0
 

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from nanomoe import kernels
 from nanomoe.data import prepare_data
 from nanomoe.errors import CheckpointError, ConfigError
 from nanomoe.model import GPT
@@ -72,7 +73,7 @@ def test_each_slice_of_a_stacked_expert_weight_is_one_experts_matrix():
     # Muon orthogonalizes w_in[e] and w_out[e] as expert e's matrices: if the layout ever changes
     # (experts along another dim), this fails before Muon silently mixes experts
     torch.manual_seed(0)
-    experts = GroupedExperts(4, 8, 16, "swiglu", bias=False)
+    experts = GroupedExperts(4, 8, 16, "swiglu", bias=False, kernels=kernels.get("torch"))
     torch.nn.init.normal_(experts.w_in)
     torch.nn.init.normal_(experts.w_out)
     x = torch.randn(5, 8)
