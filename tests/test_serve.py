@@ -44,7 +44,9 @@ def test_engine_matches_generation_alone_while_sequences_come_and_go(native, req
     if native:
         request.getfixturevalue("native_extension")
     torch.manual_seed(0)
-    model = GPT(get_preset("debug", vocab_size=300, block_size=48)).eval()
+    # the native decode step belongs to the native kernels: ask for them whatever the default
+    kernels = {"kernels": "native"} if native else {}
+    model = GPT(get_preset("debug", vocab_size=300, block_size=48, **kernels)).eval()
     rng = random.Random(1)
     prompts = [[rng.randrange(300) for _ in range(rng.randint(1, 20))] for _ in range(9)]
     budgets = [rng.randint(3, 48 - len(p)) for p in prompts]
