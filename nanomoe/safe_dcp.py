@@ -1,7 +1,7 @@
 """Reading sharded (torch.distributed.checkpoint) checkpoints without running code from them.
 
 torch's FileSystemReader reads `.metadata` with a plain `pickle.load`, and its DefaultLoadPlanner
-reads every non-tensor entry (AdamW's lr, betas, ...) with `torch.load(weights_only=False)`: a
+reads every non-tensor entry (AdamW's lr, betas, ...) with weights_only off (full unpickling): a
 checkpoint directory someone hands you could run any code on load. Here the metadata goes through
 an unpickler that admits only DCP's own metadata types (plus torch.Size, dtypes, layouts and
 paths), non-tensor entries go through `torch.load(weights_only=True)`, and the data files named by
