@@ -35,7 +35,7 @@ from .checked import number
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .model import GPT
+    from .model import GPT, KVCache
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
@@ -134,97 +134,18 @@ def _draw(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 # Static KV cache and the decoder
 
 
-class StaticKVCache:
-    """Keys and values of every layer, one (B, Hkv, S, d) buffer per layer, for compiled decoding.
-
-    Unlike `model.KVCache`, new keys go to the slots in the tensor `write_slots` (set by the caller)
-    and `update` returns the whole buffer: shapes never change with the position, so one compiled
-    decode step serves every token. The attention mask hides slots not yet written (and padding).
-    """
-
-    def __init__(self, config, batch_size: int, max_len: int, *, dtype=None, device=None):
-        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        # separate buffers per layer: an in-place write into a view of one big tensor would make
-        # the compiled graph copy the whole cache every step
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.max_len = max_len
-        self.write_slots = torch.zeros(1, dtype=torch.long, device=device)
-
-    def rows(self, start: int, stop: int) -> StaticKVCache:
-        """A cache over rows [start, stop) of this one, sharing its buffers (writes land here too):
-        a server keeps one cache and decodes the rows in use, or prefills one row."""
-        view = object.__new__(StaticKVCache)
-        view.k = [k[start:stop] for k in self.k]
-        view.v = [v[start:stop] for v in self.v]
-        view.max_len = self.max_len
-        view.write_slots = torch.zeros(1, dtype=torch.long, device=self.write_slots.device)
-        return view
-
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, Hkv, T, d) at `write_slots` (T slots; `start_pos` is not used)."""
-        # (under autocast k and v may be bf16 while the cache has the weights' dtype)
-        self.k[layer].index_copy_(2, self.write_slots, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(2, self.write_slots, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
-
-
-def _decode_step(model: GPT, tokens_B: torch.Tensor, cache: StaticKVCache, pad_B: torch.Tensor, span: int):
+def _decode_step(model: GPT, tokens_B: torch.Tensor, cache: KVCache, slot: torch.Tensor, pad_B: torch.Tensor):
     """Logits (B, V) and per-MoE-layer expert choices [(B, K)] for one new token per row, written at
-    cache slot `cache.write_slots[0]`. Row b's prompt started at slot pad_B[b] (left padding).
-    Attention reads the first `span` cache slots only (more than the written ones, fewer than all).
+    cache slot `slot` ((1,) tensor). Row b's prompt started at slot pad_B[b] (left padding).
 
-    The same computation as `GPT.forward` for one position (the tests hold them to the same tokens),
-    through the model's own modules, with attention for a single query per row and logits for that
-    position only. Under torch.compile a batch-1 step becomes one fused C++ loop nest.
+    `GPT.forward` itself, for one position per row over the cache (logits for that position only):
+    under torch.compile a batch-1 step becomes one fused C++ loop nest.
     """
-    slot = cache.write_slots  # (1,)
-    slots_S = torch.arange(span, device=tokens_B.device)
+    slots_S = torch.arange(cache.read_len, device=tokens_B.device)
     visible_BS = (slots_S >= pad_B[:, None]) & (slots_S <= slot)  # this row's tokens, up to the new one
-    positions_B = slot - pad_B
-    x_BD = model.tok_emb(tokens_B)
-    rope = None
-    if model.pos_emb is not None:
-        x_BD = x_BD + model.pos_emb(positions_B)
-    else:  # (B, 1, 1, d): broadcast over heads
-        rope = (model.rope_cos[positions_B][:, None, None], model.rope_sin[positions_B][:, None, None])
-    experts = []
-    for layer, block in enumerate(model.blocks):
-        x_BD = x_BD + _attend_one_query(block.attn, block.attn_norm(x_BD), rope, cache, layer, visible_BS)
-        h_BD = block.ffn_norm(x_BD)
-        if block.is_moe:
-            h_B1D, stats = block.ffn(h_BD[:, None])
-            h_BD = h_B1D[:, 0]
-            experts.append(stats.expert_indices)
-        else:
-            h_BD = block.ffn(h_BD)
-        x_BD = x_BD + h_BD
-    return model.lm_head(model.final_norm(x_BD)), experts
-
-
-def _attend_one_query(attn, x_BD: torch.Tensor, rope, cache: StaticKVCache, layer: int, visible_BS: torch.Tensor):
-    """`CausalSelfAttention` for one new position per row, reading earlier keys from the cache."""
-    B = x_BD.shape[0]
-    Hq, Hkv, d = attn.n_head, attn.n_kv_head, attn.head_dim
-    q, k, v = attn.qkv(x_BD).split([Hq * d, Hkv * d, Hkv * d], dim=-1)
-    q = q.view(B, Hkv, Hq // Hkv, d)  # query heads grouped by the key/value head they share (GQA)
-    k, v = k.view(B, Hkv, 1, d), v.view(B, Hkv, 1, d)
-    if rope is not None:
-        q, k = attn.kernels.apply_rope(q, *rope), attn.kernels.apply_rope(k, *rope)
-    keys, values = cache.update(layer, 0, k, v)  # (B, Hkv, max_len, d)
-    S = visible_BS.shape[1]  # the span: slots past it are empty, and reading them is most of a batched step
-    keys, values = keys[:, :, :S], values[:, :, :S]
-    if B == 1:
-        # Written out, so torch.compile fuses it with the projections around it (one row: the
-        # attention kernel's setup costs more than the work). softmax(q k^T / sqrt(d)) v in fp32.
-        scores = (q.float()[:, :, :, None, :] * keys.float()[:, :, None, :, :]).sum(-1) * d**-0.5  # (B, Hkv, G, S)
-        scores = scores.masked_fill(~visible_BS[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        y = (probs[..., None] * values.float()[:, :, None, :, :]).sum(-2)  # (B, Hkv, G, d)
-    else:  # many rows: the attention kernel's blocked matrix products win
-        y = F.scaled_dot_product_attention(q.reshape(B, Hq, 1, d), keys, values, attn_mask=visible_BS[:, None, None, :],
-                                           enable_gqa=Hkv != Hq)
-    return attn.proj(y.to(x_BD.dtype).reshape(B, Hq * d))
+    out = model(tokens_B[:, None], kv_cache=cache, start_pos=slot, positions=(slot - pad_B)[:, None],
+                attn_mask=visible_BS[:, None, None, :], last_only=True)
+    return out.logits[:, 0], [s.expert_indices for s in out.moe]
 
 
 _compiled_decode_step = None
@@ -290,7 +211,7 @@ class Decoder:
     """
 
     def __init__(self, model: GPT, batch_size: int, max_len: int, *, compile: bool = False, native: bool = True,
-                 cache: StaticKVCache | None = None):
+                 cache: KVCache | None = None):
         """`cache`: decode into this one (batch_size rows, max_len slots) instead of a new one."""
         cfg = model.config
         if max_len > cfg.block_size:
@@ -302,7 +223,7 @@ class Decoder:
         self.model = model
         self.batch_size = batch_size
         if cache is None:
-            cache = StaticKVCache(cfg, batch_size, max_len, dtype=weight.dtype, device=weight.device)
+            cache = model.new_kv_cache(batch_size, max_len)
         elif cache.k[0].shape[0] != batch_size or cache.max_len != max_len:
             raise ConfigError(f"a cache of {cache.k[0].shape[0]} rows x {cache.max_len} slots given to a decoder "
                               f"of {batch_size} x {max_len}")
@@ -335,8 +256,8 @@ class Decoder:
             raise ConfigError(f"a prompt of {T} tokens leaves no room in a cache of {self.max_len} positions")
         self.pad_B = pad_B
         positions_BT, mask_B1TS = padded_positions_and_mask(pad_B, T, self.max_len)
-        self.cache.write_slots = torch.arange(T, device=self.device)
-        out = self.model(idx_BT, kv_cache=self.cache, positions=positions_BT, attn_mask=mask_B1TS)
+        self.cache.read_len = self.max_len
+        out = self.model(idx_BT, kv_cache=self.cache, positions=positions_BT, attn_mask=mask_B1TS, last_only=True)
         self.next_slot = T
         return out.logits[:, -1], [s.expert_indices.view(B, T, -1) for s in out.moe]
 
@@ -356,8 +277,8 @@ class Decoder:
         if self._native is not None:
             logits, experts = self._native(tokens_B, self.next_slot, self.pad_B)
         else:
-            self.cache.write_slots = self._slot.fill_(self.next_slot)
-            logits, experts = self._step(self.model, tokens_B, self.cache, self.pad_B, self._span())
+            self.cache.read_len = self._span()
+            logits, experts = self._step(self.model, tokens_B, self.cache, self._slot.fill_(self.next_slot), self.pad_B)
         self.next_slot += 1
         return logits, experts
 

@@ -5,7 +5,7 @@ from outside (see nanomoe/parallelize.py and nanomoe/training). The MoE layer li
 Ops with more than one implementation (norms, attention, activations, loss, routing, experts) are
 called through `self.kernels`, the table of the backend `config.kernels` chose (nanomoe/kernels).
 
-Shape legend: B batch, T query positions, S key positions (T plus any cached prefix),
+Shape legend: B batch, T query positions, S key positions (T, or the KV cache slots read),
 D model width, Hq query heads, Hkv key/value heads, d head width, V vocabulary.
 """
 
@@ -88,23 +88,38 @@ def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Te
 
 
 class KVCache:
-    """Keys and values of past positions for every layer, preallocated to `max_len` (a static cache)."""
+    """Keys and values of every layer in preallocated (B, Hkv, max_len, d) buffers: a static cache.
+
+    The one protocol of incremental decoding: `GPT.forward(..., kv_cache=cache, start_pos=s)` writes
+    the new keys at slots [s, s + T) and attention reads the first `read_len` slots (all by
+    default), under a mask that hides slots not written yet (and padding). Shapes never depend on
+    the position, and `start_pos` may be a (1,) tensor, so one compiled decode step serves every
+    token. One buffer per layer: an in-place write into a view of one big tensor would make a
+    compiled graph copy the whole cache every step.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None, *, dtype=None, device=None):
-        max_len = max_len or config.block_size
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
+        self.max_len = max_len or config.block_size
+        shape = (batch_size, config.n_kv_head, self.max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.read_len = self.max_len  # slots attention reads (the caller may narrow it to those written)
 
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, Hkv, T, d) at positions [start_pos, start_pos+T); return all keys/values so far."""
-        end = start_pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; position {end - 1} does not fit")
-        self.k[layer, :, :, start_pos:end] = k
-        self.v[layer, :, :, start_pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer: int, slots_T: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, Hkv, T, d) at `slots_T`; return the first `read_len` slots of the layer."""
+        # (under autocast k and v may be bf16 while the cache has the weights' dtype)
+        self.k[layer].index_copy_(2, slots_T, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, slots_T, v.to(self.v[layer].dtype))
+        return self.k[layer][:, :, : self.read_len], self.v[layer][:, :, : self.read_len]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) of this one, sharing its buffers (writes land here too):
+        a server keeps one cache and decodes the rows in use, or prefills one row."""
+        view = object.__new__(KVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.max_len, view.read_len = self.max_len, self.max_len
+        return view
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,26 +138,17 @@ class CausalSelfAttention(nn.Module):
         _init_linear(self.qkv, std)
         _init_linear(self.proj, resid_std)
 
-    def forward(self, x_BTD, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0, attn_mask=None):
-        """attn_mask: optional (B, 1, T, S) bool, True where a query may see a key; it replaces the
-        causal rule (the caller builds causality and padding into it)."""
+    def forward(self, x_BTD, rope=None, kv_cache: KVCache | None = None, slots_T=None, attn_mask=None):
+        """attn_mask: optional (B or 1, 1, T, S) bool, True where a query may see a key; None: causal.
+        With kv_cache, the new keys go to cache slots `slots_T` and the queries read the cache."""
         B, T, _ = x_BTD.shape
         Hq, Hkv = self.n_head, self.n_kv_head
         qkv = self.qkv(x_BTD).view(B, T, Hq + 2 * Hkv, self.head_dim)
         q, k, v = self.kernels.attention_heads(qkv, rope, Hq, Hkv)  # (B, H, T, d), q and k rotated
-
-        mask, is_causal = None, True
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, Hkv, S, d)
-            if start_pos > 0:
-                is_causal = False
-                if T > 1:  # query i sits at absolute position start_pos + i and sees keys <= it
-                    S = k.shape[2]
-                    mask = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
-        if attn_mask is not None:
-            mask, is_causal = attn_mask, False
+            k, v = kv_cache.update(self.layer_idx, slots_T, k, v)  # (B, Hkv, S, d)
         dropout_p = self.dropout if self.training else 0.0
-        y = self.kernels.attention(q, k, v, mask, is_causal, dropout_p)  # (B, Hq, T, d)
+        y = self.kernels.attention(q, k, v, attn_mask, attn_mask is None, dropout_p)  # (B, Hq, T, d)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
@@ -191,8 +197,8 @@ class Block(nn.Module):
         self.ffn_norm.reset_parameters()
         self.ffn.init_weights(std, resid_std)
 
-    def forward(self, x, rope=None, kv_cache: KVCache | None = None, start_pos: int = 0, attn_mask=None, valid=None):
-        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, attn_mask)
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, slots_T=None, attn_mask=None, valid=None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, slots_T, attn_mask)
         stats = None
         if self.is_moe:
             h, stats = self.ffn(self.ffn_norm(x), valid)
@@ -263,38 +269,50 @@ class GPT(GenerationMixin, nn.Module):
         targets: torch.Tensor | None = None,
         *,
         kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> ModelOutput:
         """idx (B, T) token ids at positions [start_pos, start_pos+T); targets (B, T) or None.
 
-        Targets equal to IGNORE_INDEX (-100) never count in the loss. With `kv_cache`, keys and values
-        are stored and earlier positions are read from it (incremental decoding).
+        One forward pass for training, evaluation, prefill and incremental decoding. Targets equal to
+        IGNORE_INDEX (-100) never count in the loss. With `kv_cache` (a static `KVCache`) the new
+        keys and values are written at cache slots [start_pos, start_pos+T) and the queries attend
+        over the cache, each to the slots up to its own (`start_pos` may be a (1,) tensor, so a
+        compiled step does not recompile per position). last_only: logits (B, 1, V) of the last
+        position only (what sampling reads).
 
         Batches of prompts of different lengths (left-padded, see nanomoe/generation.py) pass
         `positions` (B, T), each row's own positions, and `attn_mask` (B, 1, T, S) bool, True where a
-        query may attend to a key; `start_pos` then only says where the cache stores the new keys.
+        query may attend to a key (S: the cache's read_len, or T without a cache).
         """
         B, T = idx.shape
-        if start_pos + T > self.config.block_size:
+        if isinstance(start_pos, int) and start_pos + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {start_pos + T} positions exceeds block_size {self.config.block_size}; "
                 "crop the input or use a model with a larger block_size"
             )
+        if last_only and targets is not None:
+            raise ValueError("last_only computes one position's logits; the loss needs them all")
         x = self.tok_emb(idx)  # (B, T, D)
+        slots_T = start_pos + torch.arange(T, device=idx.device)  # cache slots, and positions by default
         rope = None
         if positions is None:  # every row at positions [start_pos, start_pos+T)
             if self.pos_emb is not None:
-                x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
-            else:
-                # (T, 1, d): broadcast over the batch and the heads of (B, T, H, d)
+                x = x + self.pos_emb(slots_T)
+            elif isinstance(start_pos, int):  # (T, 1, d): broadcast over the batch and the heads of (B, T, H, d)
                 rope = (self.rope_cos[start_pos : start_pos + T, None], self.rope_sin[start_pos : start_pos + T, None])
+            else:
+                rope = (self.rope_cos[slots_T, None], self.rope_sin[slots_T, None])
         elif self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         else:  # (B, T, 1, d): one table per row, broadcast over heads
             rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
         x = self.emb_dropout(x)
+        if kv_cache is not None and attn_mask is None:  # causal over cache slots: slot j <= the query's own
+            slots_S = torch.arange(kv_cache.read_len, device=idx.device)
+            attn_mask = (slots_S[None, :] <= slots_T[:, None])[None, None]  # (1, 1, T, S)
 
         # Trailing positions whose targets are all IGNORE_INDEX are padding (documents are padded on
         # the right) and, attention being causal, can never affect a real position: MoE layers route
@@ -305,26 +323,29 @@ class GPT(GenerationMixin, nn.Module):
             valid = has_target.flip(-1).cummax(dim=-1).values.flip(-1).bool()  # a real target at or after t
             if bool(valid.all()):
                 valid = None
-        x, moe_stats = self._run_blocks(x, rope, kv_cache, start_pos, attn_mask, valid)
+        x, moe_stats = self._run_blocks(x, rope, kv_cache, slots_T, attn_mask, valid)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)
 
         out = ModelOutput(logits=logits, moe=moe_stats, aux_loss=self.aux_loss(moe_stats))
         if targets is not None:
             # loss in fp32 and summed over valid targets, so padding never counts and an all-padding
             # batch gives 0 rather than NaN
-            loss_sum = self.kernels.cross_entropy_sum(logits.view(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX)
+            loss_sum = self.kernels.cross_entropy_sum(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
+                                                      IGNORE_INDEX)
             n = (targets != IGNORE_INDEX).sum()
             out.loss = loss_sum / n.clamp(min=1)
             out.n_loss_tokens = n
         return out
 
-    def _run_blocks(self, x, rope, kv_cache, start_pos, attn_mask, valid) -> tuple[torch.Tensor, list[MoEStats]]:
+    def _run_blocks(self, x, rope, kv_cache, slots_T, attn_mask, valid) -> tuple[torch.Tensor, list[MoEStats]]:
         # A function of its own for torch.compile: the MoE dispatch is a graph break, and a break in a
         # loop makes dynamo run the whole frame eagerly. Here that frame is only the loop; each block,
         # and the head and loss after it, are still compiled.
         moe_stats: list[MoEStats] = []
         for block in self.blocks:
-            x, stats = block(x, rope, kv_cache, start_pos, attn_mask, valid)
+            x, stats = block(x, rope, kv_cache, slots_T, attn_mask, valid)
             if stats is not None:
                 moe_stats.append(stats)
         return x, moe_stats
@@ -349,6 +370,12 @@ class GPT(GenerationMixin, nn.Module):
         tokens_per_expert (summed over micro-batches, and over ranks when data-parallel)."""
         for layer, load in zip(self.moe_layers(), tokens_per_expert, strict=True):
             layer.update_selection_bias(load)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty static KV cache for `batch_size` rows of `max_len` slots (block_size by default),
+        in the weights' dtype and on their device."""
+        weight = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, dtype=weight.dtype, device=weight.device)
 
     def num_params(self, active_only: bool = False) -> int:
         """Parameter count (shared tensors once). Active: what one token touches (top_k of E experts)."""

@@ -74,6 +74,25 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(changes):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_one_forward_pass_serves_decoding_with_a_tensor_slot_and_last_position_logits():
+    """The decode protocol: a (1,) tensor start_pos (what a compiled step passes) and last_only give
+    the same logits as the full forward's last position; last_only with targets is refused."""
+    torch.manual_seed(0)
+    cfg = get_preset("debug")
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 512, (2, 10))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = KVCache(cfg, batch_size=2, max_len=16)
+        last = model(idx[:, :9], kv_cache=cache, start_pos=0, last_only=True).logits
+        step = model(idx[:, 9:], kv_cache=cache, start_pos=torch.tensor([9]), last_only=True).logits
+    assert last.shape == (2, 1, cfg.vocab_size)
+    torch.testing.assert_close(last, full[:, 8:9], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step, full[:, 9:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, idx, last_only=True)
+
+
 def test_forward_rejects_sequences_longer_than_block_size():
     model = GPT(get_preset("debug"))
     with pytest.raises(ValueError, match="exceeds block_size 64"):

@@ -61,7 +61,7 @@ def _layer_tensors(block, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict[
 
 class NativeDecodeStep:
     """Callable (tokens_B, slot, pad_B) -> (logits (B, V) fp32, [per MoE layer (B, K) expert ids]),
-    over the decoder's StaticKVCache.
+    over the decoder's KVCache (model.py).
 
     Reads the model's dense weight matrices in place at batch 1; keeps packed copies of them for
     batches, transposed copies of expert weights (and packed ones for batches), and copies of the

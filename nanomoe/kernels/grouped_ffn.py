@@ -26,11 +26,10 @@ its time; the rest is memory passes and allocations, and plain autograd adds man
 - the activation backward is written out with one fused kernel per term, in place where the
   input is dead (`silu_backward`, `threshold_backward`, `gelu_backward`).
 
-Row padding: oneDNN (torch's CPU bf16 matmul) JIT-compiles a kernel for every new matrix shape,
-~4 ms each on the 2-core machine against ~0.4 ms for the product itself. Expert loads change every
-step, so unpadded blocks would compile new kernels all training long; blocks rounded up to 32 rows
-keep the set of shapes small. Padding rows gather token 0 and carry gate weight 0, so their outputs
-are never read and their gradients are exactly zero.
+Row padding (a backend's `row_multiple`; the native backend pads CPU half-precision blocks to 32
+rows): oneDNN JIT-compiles a kernel for every new matrix shape, and expert loads change every step.
+Padding rows gather token 0 and carry gate weight 0, so their outputs are never read and their
+gradients are exactly zero.
 """
 
 from __future__ import annotations

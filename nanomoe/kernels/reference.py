@@ -54,8 +54,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     """softmax(q k^T / sqrt(d) + mask) v for q (B, Hq, T, d), k and v (B, Hkv, S, d); grouped-query
     heads share their key/value head. attn_mask: (B or 1, 1, T, S) bool, True where a query may see a
     key; without one, is_causal: query i sees keys up to i (T == S), else every key."""
+    grouped = k.shape[1] != q.shape[1]
+    if grouped and attn_mask is not None and q.device.type == "cuda":
+        # on CUDA a mask rules out the flash kernel, and the memory-efficient kernel (the one that
+        # takes a mask) has no grouped-query mode: expand the key/value heads rather than let SDPA
+        # fall back to the math kernel, which materializes the (T, S) scores
+        k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+        grouped = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
-                                          dropout_p=dropout_p, enable_gqa=k.shape[1] != q.shape[1])
+                                          dropout_p=dropout_p, enable_gqa=grouped)
+
+
+def expand_kv_heads(kv: torch.Tensor, n_q: int) -> torch.Tensor:
+    """(B, Hkv, S, d) -> (B, n_q, S, d): each key/value head repeated for the query heads that share it."""
+    return kv.repeat_interleave(n_q // kv.shape[1], dim=1)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 sequences that join and leave it at token boundaries (continuous batching).
 
 This is the only file of nanomoe/serve that knows how decoding is done (generation.Decoder,
-StaticKVCache, the model's forward with a cache); the scheduler sees `add`, `step`, `remove`.
+the model's KVCache and its forward with a cache); the scheduler sees `add`, `step`, `remove`.
 
 How the cache is laid out. Each sequence owns one row. Every row writes its next token at the same
 cache slot, `slot` (what the batched decode step, native C++ or PyTorch, takes), and row r holds
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..generation import Decoder, StaticKVCache, decode_backend, padded_positions_and_mask
+from ..generation import Decoder, decode_backend, padded_positions_and_mask
 
 
 class Engine:
@@ -37,7 +37,7 @@ class Engine:
         self.max_len = model.config.block_size  # slots per row: a sequence never needs more
         weight = model.tok_emb.weight
         self.device = weight.device
-        self.cache = StaticKVCache(model.config, max_batch, self.max_len, dtype=weight.dtype, device=weight.device)
+        self.cache = model.new_kv_cache(max_batch, self.max_len)
         self.pad = torch.zeros(max_batch, dtype=torch.long, device=weight.device)
         self.slot = 0
         self.rows: list[int] = []  # the sequence in each row in use, in row order
@@ -72,11 +72,10 @@ class Engine:
             self._move(self.slot - T)
         row = len(self.rows)
         self.pad[row] = self.slot - T
-        view = self.cache.rows(row, row + 1)
-        view.write_slots = torch.arange(self.slot - T, self.slot, device=self.device)
         positions_1S, mask_11SS = padded_positions_and_mask(self.pad[row:row + 1], self.slot, self.max_len)
         idx_1T = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        out = self.model(idx_1T, kv_cache=view, positions=positions_1S[:, -T:], attn_mask=mask_11SS[:, :, -T:])
+        out = self.model(idx_1T, kv_cache=self.cache.rows(row, row + 1), start_pos=self.slot - T,
+                         positions=positions_1S[:, -T:], attn_mask=mask_11SS[:, :, -T:])
         self.rows.append(seq)
         return out.logits[0, -1], [s.expert_indices.view(T, -1)[-1] for s in out.moe]
 
