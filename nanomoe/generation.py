@@ -103,9 +103,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return choice.squeeze(-1)
 
 
-# Top-p first looks for the nucleus among this many most likely tokens (a full sort of a 2048-token
-# vocabulary takes 65-120 us on the CPU, a sizable share of a small model's decode step:
-# research/sampling_cost.py)
+# Top-p first looks for the nucleus among this many most likely tokens: a full sort of the vocabulary
+# is a sizable share of a small model's decode step (docs/generation.md)
 NUCLEUS_SHORTLIST = 64
 
 
@@ -155,11 +154,11 @@ def compiled_decode_step():
     """`_decode_step` under torch.compile, built once and shared by every Decoder (compiled code is
     reused whenever the model, batch size and cache length match; other shapes compile anew).
 
-    Inductor options, each measured on a 2-core Xeon (docs/generation.md):
+    Inductor options (their measurements: docs/generation.md):
     - decompose_mm_pass: a one-row matrix product becomes a vectorized loop that inductor fuses
       with the norms, rope and attention around it, instead of a BLAS call per weight matrix;
     - freezing: weights become constants of the compiled code, prepacked for oneDNN (AMX for
-      bf16), which makes batched steps ~2x faster. The compiled step therefore keeps the weights it
+      bf16), for batched steps. The compiled step therefore keeps the weights it
       was compiled with: do not train a model further and then decode it with compile=True.
     """
     global _compiled_decode_step
@@ -204,8 +203,8 @@ class Decoder:
     - "compiled": `torch.compile` of `_decode_step` for dense models (native=False, or where the
       native step does not apply or cannot be built); the first step pays the compile time.
     - "eager": compile=False, and MoE models without the native step: their dispatch sizes its
-      buffers by how many tokens each expert got, which breaks a compiled graph at every layer and
-      made compiled decoding ~5x slower than eager.
+      buffers by how many tokens each expert got, which breaks a compiled graph at every layer
+      (compiled decoding was slower than eager: docs/generation.md).
 
     Run it under torch.inference_mode().
     """
@@ -388,7 +387,7 @@ class Generation:
                 for i in range(self.max_new_tokens):
                     nxt_B = sample_next(logits, generator=generator, seen=seen_BV, **self.sampling)
                     tokens = nxt_B.tolist()
-                    # (a Python set: torch.isin costs ~10 us, a sizable share of a small model's step)
+                    # (a Python set: torch.isin is a sizable share of a small model's step)
                     stopped = [t in self.stop_ids for t in tokens]
                     step_tokens = [None if d else t for d, t in zip(self.done, tokens)]
                     step_stopped = [s and not d for d, s in zip(self.done, stopped)]
