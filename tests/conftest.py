@@ -3,6 +3,18 @@
 import pytest
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on one thread: more threads only add synchronization (and on a busy machine,
+    long spin waits). Modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def native_extension():
     """The compiled native extension (nanomoe/kernels/csrc); the test is skipped where it cannot be built."""

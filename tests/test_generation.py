@@ -44,13 +44,7 @@ def make_model(arch: str = "moe", **changes) -> GPT:
     return GPT(get_preset("debug", **{**ARCHITECTURES[arch], **changes})).eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only add synchronization (and on a busy machine, long spin waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ from nanomoe.serve.engine import Engine
 KEY = "test-key"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,19 +13,22 @@ from ..checked import arg
 from . import add_command
 
 
-def add_model_args(p) -> None:
+def add_model_args(p, *, compile_option: bool = True) -> None:
+    """The checkpoint, device, dtype and thread options of every command that samples from a model
+    (generate, chat, serve); `compile_option`: also --compile (serve picks its decode step itself)."""
     p.add_argument("--checkpoint", required=True, metavar="RUN",
                    help="a run dir (its best.json, else latest.json) or a checkpoints/step-* dir")
     p.add_argument("--prefer", choices=["best", "latest"], default="best",
                    help="which checkpoint of a run dir to use (default best)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="weights and KV cache: fp32 (default, exact) or bf16 (half the memory traffic; "
-                        "pays off with --compile, eager one-row bf16 products are slow on CPUs)")
-    p.add_argument("--compile", action="store_true",
-                   help="compiled decode steps: on the CPU a native C++ step, dense or MoE (~8-17x eager at "
-                        "batch 1 in bf16; built once per machine, ~30 s), elsewhere torch.compile for dense "
-                        "models (the first answer waits for the compilation)")
+                   help="weights and KV cache: fp32 (default, exact) or bf16 (half the memory traffic; pays "
+                        "off with a compiled or native decode step: eager one-row bf16 products are slow on CPUs)")
+    if compile_option:
+        p.add_argument("--compile", action="store_true",
+                       help="compiled decode steps: on the CPU a native C++ step, dense or MoE (~8-17x eager "
+                            "at batch 1 in bf16; built once per machine, ~30 s), elsewhere torch.compile for dense "
+                            "models (the first answer waits for the compilation)")
     p.add_argument("--threads", type=arg(int, "--threads", minimum=1), help="CPU threads (default: torch's choice)")
 
 

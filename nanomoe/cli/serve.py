@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from . import add_command
+from .generate import add_model_args, load_for_generation
 
 
 def build_server(args):
@@ -16,7 +17,6 @@ def build_server(args):
     from ..errors import ConfigError
     from ..serve.app import create_app
     from ..serve.scheduler import Scheduler
-    from .generate import load_for_generation
 
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
@@ -62,13 +62,7 @@ def cmd_serve(args) -> int:
 
 
 def add_serve_args(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN",
-                   help="a run dir (its best.json, else latest.json) or a checkpoints/step-* dir")
-    p.add_argument("--prefer", choices=["best", "latest"], default="best",
-                   help="which checkpoint of a run dir to use (default best)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and KV cache (default fp32)")
-    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
+    add_model_args(p, compile_option=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together at most (default 32)")
