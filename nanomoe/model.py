@@ -321,8 +321,6 @@ class GPT(GenerationMixin, nn.Module):
         if targets is not None and self.config.is_moe:
             has_target = (targets != IGNORE_INDEX).to(torch.int8)
             valid = has_target.flip(-1).cummax(dim=-1).values.flip(-1).bool()  # a real target at or after t
-            if bool(valid.all()):
-                valid = None
         x, moe_stats = self._run_blocks(x, rope, kv_cache, slots_T, attn_mask, valid)
         if last_only:
             x = x[:, -1:]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import nanomoe.kernels.grouped_ffn as grouped_ffn_module
 from nanomoe.kernels import select
 from nanomoe.model import GPT, FeedForward
 from nanomoe.moe import (
@@ -19,12 +20,15 @@ from nanomoe.moe import (
 from nanomoe.presets import get_preset
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
+@pytest.fixture(autouse=True, params=["native", "python", "loop"])
 def expert_path(request, monkeypatch):
     """Every test here runs on both kernel backends on the CPU: the native kernels
-    (csrc/experts.cpp) and the torch backend (its grouped Function in Python)."""
+    (csrc/experts.cpp) and the torch backend, with each of its expert implementations: the grouped
+    GEMM ("python", the default where grouped_mm runs) and the per-expert loop ("loop", its fallback)."""
     monkeypatch.delenv("NANOMOE_NATIVE", raising=False)
-    monkeypatch.setenv("NANOMOE_KERNELS", "torch" if request.param == "python" else "native")
+    monkeypatch.setenv("NANOMOE_KERNELS", "native" if request.param == "native" else "torch")
+    if request.param == "loop":
+        monkeypatch.setattr(grouped_ffn_module, "grouped_mm_unsupported", lambda device, dtype: "the loop's test run")
     if request.param == "native":
         from nanomoe.kernels import extension
 
@@ -298,8 +302,8 @@ def test_grouped_ffn_gradcheck_float64(ffn, top_k, capacity, row_multiple):
     if capacity is not None:
         assert plan.n_kept < N * top_k  # the case really drops something
     if row_multiple > 1:  # padding rows exist and every block is a multiple
-        assert sum(plan.rows_per_expert) > plan.n_kept
-        assert all(n % row_multiple == 0 for n in plan.rows_per_expert)
+        assert sum(plan.rows_per_expert()) > plan.n_kept
+        assert all(n % row_multiple == 0 for n in plan.rows_per_expert())
 
     def f(x, gate_KN, w_in, w_out, b_in, b_out):
         return grouped_ffn(x, gate_KN, plan, w_in, w_out, b_in, b_out, ffn)
@@ -313,8 +317,9 @@ def test_plan_sorts_by_expert_keeps_first_choices_and_pads_blocks():
     # 5 tokens, E=3, K=2; expert 0 is everybody's first choice
     indices_NK = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 2], [0, 1]])
     plan = make_plan(indices_NK, 3, capacity=4, row_multiple=4)
-    assert plan.rows_per_expert == [4, 4, 4]  # 4 kept of 5 for expert 0; 3 and 2 padded to 4
-    assert plan.n_kept == 4 + 3 + 2
+    assert plan.rows_per_expert() == [4, 4, 4]  # 4 kept of 5 for expert 0; 3 and 2 padded to 4
+    assert plan.offsets_E.dtype == torch.int32 and plan.offsets_E.tolist() == [4, 8, 12]
+    assert plan.n_kept.item() == 4 + 3 + 2
     assert plan.token_R.tolist() == [0, 1, 2, 3, 0, 2, 4, 0, 1, 3, 0, 0]
     N, K = indices_NK.shape
     assert plan.slot_R.tolist() == [0, 1, 2, 3, 5, 7, 9, N * K, 6, 8, N * K, N * K]

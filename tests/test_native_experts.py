@@ -126,10 +126,15 @@ def test_native_plan_equals_the_python_plan(module, monkeypatch):
         valid = None if trial % 2 else torch.rand(N, generator=gen) > 0.3
         plans = [kernels.expert_plan(indices, E, capacity, row_multiple, valid) for kernels in (NATIVE, TORCH)]
         native_plan, python_plan = plans
-        for field in ("token_R", "slot_R", "row_KN"):
-            assert torch.equal(getattr(native_plan, field), getattr(python_plan, field)), (trial, field)
-        assert native_plan.rows_per_expert == python_plan.rows_per_expert
-        assert native_plan.n_kept == python_plan.n_kept
+        # the native plan has exactly the rows it uses; the python plan a static bound, the rest unused
+        used = native_plan.token_R.numel()
+        assert python_plan.token_R.numel() >= used and int(native_plan.offsets_E[-1]) == used
+        for field in ("token_R", "slot_R"):
+            assert torch.equal(getattr(native_plan, field), getattr(python_plan, field)[:used]), (trial, field)
+        dropped = python_plan.row_KN == python_plan.token_R.numel()
+        assert torch.equal(native_plan.row_KN, torch.where(dropped, used, python_plan.row_KN)), trial
+        assert torch.equal(native_plan.offsets_E, python_plan.offsets_E)
+        assert native_plan.n_kept.item() == python_plan.n_kept.item()
 
 
 @pytest.mark.parametrize("kind,top_k", [("topk", 2), ("topk", 3), ("switch", 1), ("switch", 2)])

@@ -1,7 +1,16 @@
-"""The torch backend of the grouped expert FFN: one autograd Function with a hand-written backward.
+"""The torch backend of the grouped expert FFN, in two implementations:
 
-Its definition is the per-expert loop `GroupedExperts.expert_forward` (nanomoe/moe/experts.py);
-tests/test_moe.py holds this Function (and the native kernels) to it.
+- `grouped_mm_ffn`: two grouped GEMMs (`torch.nn.functional.grouped_mm`) over the plan's device-side
+  offsets, differentiated by autograd. Sync-free and one torch.compile graph: what CUDA runs (bf16 on
+  compute capability 9.x/10.x) and the CPU runs (fp32, bf16).
+- `loop_grouped_ffn`: a loop of `torch.mm` per expert with a hand-written backward (below). It reads
+  the block sizes on the host, so on a GPU it waits once per layer: the fallback elsewhere (other
+  GPUs, fp32/fp16 on CUDA, float64), chosen by `grouped_ffn` with a one-line notice.
+
+Their definition is the per-expert loop `GroupedExperts.expert_forward` (nanomoe/moe/experts.py);
+tests/test_moe.py holds both (and the native kernels) to it.
+
+The rest of this docstring is about the loop.
 
 Shape legend (as in nanomoe/moe):
     N  tokens      D  model width     E  experts     K  experts per token (top_k)
@@ -34,10 +43,12 @@ gradients are exactly zero.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from .plan import ExpertPlan
+from .plan import ExpertPlan, round_up
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -62,9 +73,135 @@ def grouped_ffn(
 
     w_in (E, D, H), or (E, D, 2H) [gate | up] for swiglu; w_out (E, H, D); b_in, b_out optional.
     Runs in autocast's dtype when autocast is on; gradients come back in each input's own dtype.
+    The grouped GEMM (`grouped_mm_ffn`) where it runs, else the per-expert loop (`loop_grouped_ffn`).
     """
     dtype = compute_dtype(x_ND, w_in)
+    reason = grouped_mm_unsupported(x_ND.device, dtype)
+    if reason is None and plan.token_R.numel() > 0:
+        return grouped_mm_ffn(x_ND, gate_KN, plan, w_in, w_out, b_in, b_out, activation)
+    if reason is not None and x_ND.device.type != "cpu" and reason not in _SAID:
+        _SAID.add(reason)
+        print(f"nanomoe: {reason}; the experts run as a per-expert loop instead (one host sync per MoE layer "
+              "and E matrix products per projection)", file=sys.stderr)
+    return loop_grouped_ffn(x_ND, gate_KN, plan, w_in, w_out, b_in, b_out, activation)
+
+
+_SAID: set[str] = set()
+
+
+def grouped_mm_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `grouped_mm_ffn` does not run on `device` in `dtype`, or None where it does. On CUDA only
+    bf16 on compute capability 9.x/10.x has torch's grouped kernel; elsewhere torch's grouped_mm
+    copies the offsets to the host and loops over the groups itself (a sync per product). On the CPU
+    it runs in fp32 and bf16, but torch.compile traces it in bf16 only."""
+    if device.type == "cpu":
+        if dtype == torch.float32 and torch.compiler.is_compiling():
+            return "torch.compile traces grouped_mm in bf16 only"
+        return None if dtype in (torch.float32, torch.bfloat16) else f"grouped_mm does not take {dtype} on the CPU"
+    if device.type != "cuda":
+        return f"no grouped GEMM kernel on {device.type}"
+    if dtype != torch.bfloat16:
+        return f"torch's CUDA grouped GEMM runs in bf16 only, not {dtype}"
+    props = torch.cuda.get_device_properties(device)
+    if props.major not in (9, 10):
+        return (f"torch's CUDA grouped GEMM needs compute capability 9.x or 10.x (Hopper, Blackwell), "
+                f"not {props.major}.{props.minor}")
+    return None
+
+
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """t zero-padded at the end of `dim` to `size` (itself when it has that size already)."""
+    if t.shape[dim] == size:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, size - t.shape[dim]]
+    return F.pad(t, pad)
+
+
+def _hidden_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":  # h holds [gate | up] halves
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "relu":
+        return F.relu(h)
+    return F.gelu(h, approximate="tanh")
+
+
+def grouped_mm_ffn(
+    x_ND: torch.Tensor,
+    gate_KN: torch.Tensor,
+    plan: ExpertPlan,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """`grouped_ffn` as two grouped GEMMs (`F.grouped_mm`, the plan's int32 offsets on the device) and
+    autograd: no value is read on the host, so a GPU never waits and torch.compile sees one graph.
+
+    The last expert's block is stretched to the R rows of the buffers: the unused rows (token 0,
+    gate 0) get finite outputs that nothing reads and exactly zero gradients, where grouped_mm would
+    leave them uninitialized. Widths are zero-padded to 16 bytes (grouped_mm's stride rule): padded
+    hidden units compute act(0) = 0 through zero weights, so the result is unchanged. grouped_mm
+    takes no bias: each bias is one more weight row against a column of ones, so it is added inside
+    the product before the one rounding, as addmm does (a bias added after a bf16 product moves ReLU's
+    kink), and its gradient is summed there too.
+    """
+    dtype = compute_dtype(x_ND, w_in)
+    N, D = x_ND.shape
+    K = gate_KN.shape[0]
+    E, H = w_out.shape[0], w_out.shape[1]
+    R = plan.token_R.numel()
+    halves = 2 if activation == "swiglu" else 1
+    bias = b_in is not None
+    align = 16 // dtype.itemsize
+    D_in, H_out = round_up(D + bias, align), round_up(H, align)
+    H_in, D_out = round_up(H_out + bias, align), round_up(D, align)
+    with torch.autocast(x_ND.device.type, enabled=False):
+        x, w1 = x_ND.to(dtype), _pad(w_in.to(dtype).view(E, D, halves, H), 3, H_out)
+        if bias:
+            x = F.pad(x, (0, 1), value=1.0)
+            w1 = torch.cat([w1, _pad(b_in.to(dtype).view(E, 1, halves, H), 3, H_out)], dim=1)
+        w1 = _pad(w1, 1, D_in).reshape(E, D_in, halves * H_out)
+        w2 = _pad(w_out.to(dtype), 1, H_out)
+        if bias:
+            w2 = torch.cat([w2, b_out.to(dtype).view(E, 1, D)], dim=1)
+        w2 = _pad(_pad(w2, 1, H_in), 2, D_out)
+
+        offs_E = torch.cat([plan.offsets_E[:-1], plan.offsets_E.new_full((1,), R)])
+        x_RD = _pad(x, 1, D_in).index_select(0, plan.token_R)  # dispatch: a gather
+        a_RH = _hidden_activation(F.grouped_mm(x_RD, w1, offs=offs_E), activation)
+        if bias:
+            a_RH = F.pad(a_RH, (0, 1), value=1.0)
+        y_RD = F.grouped_mm(_pad(a_RH, 1, H_in), w2, offs=offs_E)
+        # combine: a gather; dropped assignments (row R) read row R-1 with gate 0
+        kept_KN = (plan.row_KN < R).view(K, N)
+        y_KND = y_RD.index_select(0, plan.row_KN.clamp(max=R - 1)).view(K, N, D_out)
+        out_ND = (y_KND * (gate_KN * kept_KN).to(dtype).unsqueeze(-1)).sum(0)
+    return out_ND[:, :D]
+
+
+@torch.compiler.disable  # reads the block sizes: torch.compile runs it eagerly, the rest compiled
+def loop_grouped_ffn(
+    x_ND: torch.Tensor,
+    gate_KN: torch.Tensor,
+    plan: ExpertPlan,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """`grouped_ffn` as a loop of `torch.mm` per expert and projection, with a hand-written backward
+    (below). Reads the block sizes on the host: the fallback where grouped_mm does not run."""
+    dtype = compute_dtype(x_ND, w_in)
     return _GroupedFFN.apply(x_ND, gate_KN, w_in, w_out, b_in, b_out, plan, activation, dtype)
+
+
+def _block_sizes(plan: ExpertPlan, R: int) -> list[int]:
+    """Each expert's block size and, last, the unused rows up to R (for `split`)."""
+    sizes = plan.rows_per_expert()
+    return [*sizes, R - sum(sizes)]
 
 
 def _per_expert(t: torch.Tensor | None, dim: int = 0):
@@ -109,8 +246,8 @@ class _GroupedFFN(torch.autograd.Function):
             b_in_c = b_in.to(dtype) if b_in is not None else None
             b_out_c = b_out.to(dtype) if b_out is not None else None
 
-            sizes = plan.rows_per_expert
-            active = [e for e, n in enumerate(sizes) if n > 0]
+            sizes = _block_sizes(plan, R)
+            active = [e for e, n in enumerate(sizes[:-1]) if n > 0]
             x_RD = x_ND.to(dtype).index_select(0, plan.token_R)  # dispatch: a gather
             h_RH = x_RD.new_empty(R, H)  # input projection (for swiglu: its gate half)
             u_RH = x_RD.new_empty(R, H) if glu else None  # swiglu's up half
@@ -143,7 +280,7 @@ class _GroupedFFN(torch.autograd.Function):
             out_ND = _sum_over_k(y_KND, gate_KN)
 
         ctx.save_for_backward(x_RD, h_RH, u_RH, s_RH, a_RH, y_KND, gate_KN, w_in_c, w_out_c)
-        ctx.plan, ctx.activation, ctx.has_bias = plan, activation, b_in is not None
+        ctx.plan, ctx.sizes, ctx.activation, ctx.has_bias = plan, sizes, activation, b_in is not None
         ctx.dtypes = (x_ND.dtype, w_in.dtype, w_out.dtype, None if b_in is None else b_in.dtype)
         return out_ND
 
@@ -158,8 +295,8 @@ class _GroupedFFN(torch.autograd.Function):
         K, N = gate_KN.shape
         H = h_RH.shape[1]
         glu = ctx.activation == "swiglu"
-        sizes = plan.rows_per_expert
-        active = [e for e, n in enumerate(sizes) if n > 0]
+        sizes = ctx.sizes
+        active = [e for e, n in enumerate(sizes[:-1]) if n > 0]
         dout_ND = dout_ND.to(dtype)
 
         dgate_KN = None
@@ -204,7 +341,7 @@ class _GroupedFFN(torch.autograd.Function):
             for e in active:
                 torch.addmm(dxs[e], dus[e], w_u[e], out=dxs[e])
                 torch.mm(xs[e].t(), dus[e], out=dw_u[e])
-        for e, n in enumerate(sizes):
+        for e, n in enumerate(sizes[:-1]):
             if n == 0:  # an expert with no tokens gets an exactly zero gradient
                 dw_in[e].zero_()
                 dw_out[e].zero_()

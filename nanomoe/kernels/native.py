@@ -406,27 +406,34 @@ def route(logits_NE: Tensor, selection_bias_E: Tensor, top_k: int, renormalize: 
 
 
 @torch.library.custom_op("nanomoe::expert_plan", mutates_args=())
-def _expert_plan(indices_NK: Tensor, n_experts: int, capacity: int, row_multiple: int,
+def _expert_plan(indices_NK: Tensor, n_experts: int, capacity: Tensor, row_multiple: int,
                  valid_N: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # capacity: a 0-d tensor (-1: dropless), read here on the CPU where it costs no sync
     token_R, slot_R, row_KN, rows_per_expert, n_kept = _ext().experts_plan(
-        indices_NK, n_experts, capacity, row_multiple, _empty(indices_NK) if valid_N is None else valid_N)
-    return token_R, slot_R, row_KN, torch.tensor(rows_per_expert), torch.tensor(n_kept)
+        indices_NK, n_experts, int(capacity), row_multiple, _empty(indices_NK) if valid_N is None else valid_N)
+    offsets_E = torch.tensor(rows_per_expert, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return token_R, slot_R, row_KN, offsets_E, torch.tensor(n_kept)
 
 
 @_expert_plan.register_fake
 def _(indices_NK, n_experts, capacity, row_multiple, valid_N):
     R = torch.library.get_ctx().new_dynamic_size()  # rows depend on the routing
     new = indices_NK.new_empty
-    return new(R), new(R), new(indices_NK.numel()), new(n_experts), new(())
+    return new(R), new(R), new(indices_NK.numel()), new(n_experts, dtype=torch.int32), new(())
 
 
-def expert_plan(expert_indices_NK: Tensor, n_experts: int, capacity: int | None, row_multiple: int = 1,
+def expert_plan(expert_indices_NK: Tensor, n_experts: int, capacity: int | Tensor | None, row_multiple: int = 1,
                 valid_N: Tensor | None = None) -> ExpertPlan:
     if expert_indices_NK.device.type != "cpu":
         return reference.expert_plan(expert_indices_NK, n_experts, capacity, row_multiple, valid_N)
-    token_R, slot_R, row_KN, rows_E, n_kept = _expert_plan(
-        expert_indices_NK.long(), n_experts, -1 if capacity is None else capacity, row_multiple, valid_N)
-    return ExpertPlan(token_R, slot_R, row_KN, rows_E.tolist(), int(n_kept))
+    if not isinstance(capacity, Tensor):
+        capacity = torch.tensor(-1 if capacity is None else capacity)
+    return ExpertPlan(*_expert_plan(expert_indices_NK.long(), n_experts, capacity, row_multiple, valid_N))
+
+
+def _block_sizes(offsets_E: Tensor) -> list[int]:
+    """Each expert's rows, from a CPU plan's offsets (no sync on the CPU; inside an op, no graph break)."""
+    return torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
 
 
 def row_multiple(device: torch.device, dtype: torch.dtype) -> int:
@@ -451,7 +458,7 @@ ACTIVATIONS = {"relu": 0, "gelu": 1, "swiglu": 2}
 @torch.library.custom_op("nanomoe::experts_forward", mutates_args=())
 def _experts_forward(x_ND: Tensor, gate_KN: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
                      b_out: Tensor | None, token_R: Tensor, slot_R: Tensor, row_KN: Tensor,
-                     rows_per_expert: list[int], activation: int, dtype: torch.dtype) -> tuple[
+                     offsets_E: Tensor, activation: int, dtype: torch.dtype) -> tuple[
                          Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     N, D = x_ND.shape
     E, H = w_out.shape[0], w_out.shape[1]
@@ -472,7 +479,7 @@ def _experts_forward(x_ND: Tensor, gate_KN: Tensor, w_in: Tensor, w_out: Tensor,
     out_ND = new(N, D, dtype=dtype)
     with torch.autocast("cpu", enabled=False):  # the kernels run in `dtype`, on the worker threads too
         _ext().experts_forward(
-            x_ND.contiguous(), token_R, rows_per_expert, activation, w_in, w_out,
+            x_ND.contiguous(), token_R, _block_sizes(offsets_E), activation, w_in, w_out,
             cast(None if b_in is None else b_in[:, :H]), cast(None if b_in is None or not glu else b_in[:, H:]),
             cast(b_out), row_KN, gate_KN.float().contiguous(), x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, out_ND,
         )
@@ -480,7 +487,7 @@ def _experts_forward(x_ND: Tensor, gate_KN: Tensor, w_in: Tensor, w_out: Tensor,
 
 
 @_experts_forward.register_fake
-def _(x_ND, gate_KN, w_in, w_out, b_in, b_out, token_R, slot_R, row_KN, rows_per_expert, activation, dtype):
+def _(x_ND, gate_KN, w_in, w_out, b_in, b_out, token_R, slot_R, row_KN, offsets_E, activation, dtype):
     N, D = x_ND.shape
     E, H = w_out.shape[0], w_out.shape[1]
     R = token_R.shape[0]
@@ -493,7 +500,7 @@ def _(x_ND, gate_KN, w_in, w_out, b_in, b_out, token_R, slot_R, row_KN, rows_per
 
 @torch.library.custom_op("nanomoe::experts_backward", mutates_args=())
 def _experts_backward(dout_ND: Tensor, gate_KN: Tensor, token_R: Tensor, slot_R: Tensor, row_KN: Tensor,
-                      rows_per_expert: list[int], activation: int, x_RD: Tensor, w_g: Tensor, w_u: Tensor,
+                      offsets_E: Tensor, activation: int, x_RD: Tensor, w_g: Tensor, w_u: Tensor,
                       w_o: Tensor, h_RH: Tensor, u_RH: Tensor, a_RH: Tensor, y_RD: Tensor, in_width: int,
                       has_bias: bool, need_dgate: bool, x_dtype: torch.dtype, w_in_dtype: torch.dtype,
                       w_out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -512,6 +519,7 @@ def _experts_backward(dout_ND: Tensor, gate_KN: Tensor, token_R: Tensor, slot_R:
     dx_RD[R].zero_()
     gate32 = gate_KN.float()
     gate_ext = torch.cat([gate32.reshape(-1), gate32.new_zeros(1)])  # padding rows read the 0
+    rows_per_expert = _block_sizes(offsets_E)
     _ext().experts_backward(
         dout_ND.to(x_RD.dtype).contiguous(), token_R, slot_R, gate_ext, row_KN, rows_per_expert, activation,
         x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, dx_ND, dgate_KN, dw_in, dw_out, db_in, db_out,
@@ -526,7 +534,7 @@ def _experts_backward(dout_ND: Tensor, gate_KN: Tensor, token_R: Tensor, slot_R:
 
 
 @_experts_backward.register_fake
-def _(dout_ND, gate_KN, token_R, slot_R, row_KN, rows_per_expert, activation, x_RD, w_g, w_u, w_o, h_RH, u_RH,
+def _(dout_ND, gate_KN, token_R, slot_R, row_KN, offsets_E, activation, x_RD, w_g, w_u, w_o, h_RH, u_RH,
       a_RH, y_RD, in_width, has_bias, need_dgate, x_dtype, w_in_dtype, w_out_dtype):
     D = x_RD.shape[1]
     K, N = gate_KN.shape
@@ -539,19 +547,19 @@ def _(dout_ND, gate_KN, token_R, slot_R, row_KN, rows_per_expert, activation, x_
 
 
 def _experts_setup(ctx, inputs, output):
-    x_ND, gate_KN, w_in, w_out, b_in, b_out, token_R, slot_R, row_KN, rows_per_expert, activation, _ = inputs
+    x_ND, gate_KN, w_in, w_out, b_in, b_out, token_R, slot_R, row_KN, offsets_E, activation, _ = inputs
     _, x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD = output
-    ctx.save_for_backward(gate_KN, token_R, slot_R, row_KN, x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD)
-    ctx.rows_per_expert, ctx.activation, ctx.in_width = rows_per_expert, activation, w_in.shape[2]
+    ctx.save_for_backward(gate_KN, token_R, slot_R, row_KN, offsets_E, x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD)
+    ctx.activation, ctx.in_width = activation, w_in.shape[2]
     ctx.dtypes = (x_ND.dtype, w_in.dtype, w_out.dtype, None if b_in is None else b_in.dtype, gate_KN.dtype)
 
 
 def _experts_grad(ctx, dout_ND, *_):
-    gate_KN, token_R, slot_R, row_KN, *buffers = ctx.saved_tensors
+    gate_KN, token_R, slot_R, row_KN, offsets_E, *buffers = ctx.saved_tensors
     x_dtype, w_in_dtype, w_out_dtype, b_dtype, gate_dtype = ctx.dtypes
     need_dgate = ctx.needs_input_grad[1]
     dx_ND, dgate_KN, dw_in, dw_out, db_in, db_out = _experts_backward(
-        dout_ND, gate_KN, token_R, slot_R, row_KN, ctx.rows_per_expert, ctx.activation, *buffers, ctx.in_width,
+        dout_ND, gate_KN, token_R, slot_R, row_KN, offsets_E, ctx.activation, *buffers, ctx.in_width,
         b_dtype is not None, need_dgate, x_dtype, w_in_dtype, w_out_dtype)
     dgate_KN = dgate_KN.to(gate_dtype) if need_dgate else None
     db_in = db_in.to(b_dtype) if b_dtype is not None else None
@@ -568,7 +576,7 @@ def grouped_ffn(x_ND: Tensor, gate_KN: Tensor, plan: ExpertPlan, w_in: Tensor, w
     if x_ND.shape[0] == 0 or dtype not in _FLOATS or not _takes(x_ND, w_in, w_out, b_in, b_out):
         return reference.grouped_ffn(x_ND, gate_KN, plan, w_in, w_out, b_in, b_out, activation)
     return _experts_forward(x_ND, gate_KN, w_in, w_out, b_in, b_out, plan.token_R, plan.slot_R, plan.row_KN,
-                            plan.rows_per_expert, ACTIVATIONS[activation], dtype)[0]
+                            plan.offsets_E, ACTIVATIONS[activation], dtype)[0]
 
 
 decode_step = native_decode_step

@@ -19,10 +19,15 @@ from ..kernels import compute_dtype
 from .experts import GroupedExperts
 
 
-def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int | None:
-    """Most assignments one expert accepts (GShard / Switch): ceil(cf * N * K / E). None = dropless."""
+def expert_capacity(n_tokens: int | torch.Tensor, top_k: int, n_experts: int,
+                    capacity_factor: float) -> int | torch.Tensor | None:
+    """Most assignments one expert accepts (GShard / Switch): ceil(cf * N * K / E). None = dropless.
+    n_tokens may be a 0-d tensor (the real tokens, counted on the device): the capacity is then one
+    too, computed in float64 as Python computes the int."""
     if capacity_factor <= 0:
         return None
+    if isinstance(n_tokens, torch.Tensor):
+        return torch.ceil(n_tokens.double() * capacity_factor * top_k / n_experts).clamp(min=1).long()
     return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
 
 
@@ -31,12 +36,13 @@ def dispatch_and_combine(
     expert_indices_NK: torch.Tensor,
     expert_weights_NK: torch.Tensor,
     experts: GroupedExperts,
-    capacity: int | None,
+    capacity: int | torch.Tensor | None,
     valid_N: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort assignments by expert, run each expert on its contiguous block, gather back weighted.
 
-    Returns the combined output (N, D) and the number of assignments kept (N*K when dropless).
+    Returns the combined output (N, D) and the number of assignments kept (N*K when dropless), a
+    0-d tensor: nothing here reads a value on the host.
     With a capacity, first choices of all tokens outrank second choices (GShard), and within a rank
     earlier tokens win; assignments past an expert's capacity contribute nothing (the residual
     connection carries the token through unchanged).

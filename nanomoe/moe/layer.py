@@ -81,18 +81,18 @@ class MoEFeedForward(nn.Module):
         )
         return out_ND.reshape(B, T, D), stats
 
-    @torch.compiler.disable  # data-dependent shapes: torch.compile runs this part eagerly, the rest compiled
     def _dispatch(self, x_ND: torch.Tensor, routing: RouterOutput, valid_N: torch.Tensor | None):
-        """The experts' combined output (N, D) and the fraction of assignments dropped (0-d tensor)."""
-        n_real = x_ND.shape[0] if valid_N is None else int(valid_N.sum())
+        """The experts' combined output (N, D) and the fraction of assignments dropped (0-d tensor).
+        Reads no value on the host: the real tokens and the capacity are counted on the device."""
+        n_real = x_ND.shape[0] if valid_N is None else valid_N.sum()
         # Capacity limits bind only in training: at inference every token gets its experts, so an
         # output never depends on what else is in the batch (Mixtral and the HF export assume this).
         capacity = expert_capacity(n_real, self.top_k, self.n_experts, self.capacity_factor) if self.training else None
         out_ND, n_kept = dispatch_and_combine(
             x_ND, routing.expert_indices_NK, routing.expert_weights_NK, self.experts, capacity, valid_N
         )
-        n_assignments = n_real * self.top_k
-        dropped = torch.tensor((n_assignments - n_kept) / max(n_assignments, 1), device=x_ND.device)
+        n_assignments = torch.as_tensor(n_real * self.top_k, device=x_ND.device)
+        dropped = (n_assignments - n_kept).float() / n_assignments.clamp(min=1)
         return out_ND, dropped
 
     def update_selection_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
