@@ -14,14 +14,16 @@ def test_bench_moe_json_has_the_headline_keys(capsys):
     # --malloc default: leave the test process's allocator alone
     assert main(argv + ["--repeats", "1", "--warmup", "0", "--threads", "1", "--malloc", "default"]) == 0
     report = json.loads(capsys.readouterr().out)
-    keys = ["ratio_vs_dense_bf16", "ratio_vs_dense_fp32", "speedup_vs_reference_bf16"]
+    keys = ["ratio_vs_dense_bf16", "ratio_vs_dense_fp32", "speedup_vs_reference_bf16", "ratio_grouped_mm_vs_loop_bf16",
+            "ratio_grouped_mm_vs_loop_fp32"]
     if importlib.util.find_spec("transformers") is not None:
         keys.append("speedup_vs_hf_bf16")
         # same weights, same function: Hugging Face's block must agree with nanomoe's reference loop
         assert report["max_abs_diff_vs_reference_fp32"]["hf"] < 1e-5
     for key in keys:
         assert report[key] > 0, key
-    assert report["max_abs_diff_vs_reference_fp32"]["nanomoe"] < 1e-5
+    for name in ("nanomoe", "torch_grouped_mm", "torch_loop"):
+        assert report["max_abs_diff_vs_reference_fp32"][name] < 1e-5, name
     assert report["shape"]["n_experts"] == 4
 
 

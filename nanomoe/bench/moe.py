@@ -4,6 +4,9 @@ Candidates, all at the same shape, timed round-robin in one process (median of -
 
 - nanomoe    MoEFeedForward: router + dispatch + grouped experts (nanomoe/moe, the default kernels)
 - reference  moe_forward_reference: the plain per-expert loop the tests pin the fast path to
+- torch_grouped_mm, torch_loop  the layer on the torch backend with each of its expert
+             implementations (nanomoe/kernels/grouped_ffn.py): the grouped GEMM (F.grouped_mm, the
+             GPU path) and the per-expert loop of torch.mm (its fallback)
 - dense      the model's dense FeedForward with equal active FLOPs: hidden = top_k * expert_hidden,
              same activation (for swiglu one fused D -> 2 * top_k * H projection, then down)
 - hf         Hugging Face's MixtralSparseMoeBlock with the same weights, experts_implementation
@@ -34,7 +37,8 @@ def cmd_bench_moe(args) -> int:
 
     Prints a table, or with --json one object whose headline keys are ratio_vs_dense_bf16,
     ratio_vs_dense_fp32 (MoE time / dense time, lower is better), speedup_vs_reference_bf16 and
-    speedup_vs_hf_bf16 (their time / MoE time, higher is better). A benchmark, not a test:
+    speedup_vs_hf_bf16 (their time / MoE time, higher is better), ratio_grouped_mm_vs_loop_bf16 and
+    _fp32 (the torch backend's grouped GEMM time / its per-expert loop's). A benchmark, not a test:
     run it with nothing else busy on the machine."""
     import torch
 
@@ -99,9 +103,13 @@ def _loadavg() -> float | None:
 
 def build_candidates(args, device: str):
     """Modules at the benchmark shape, sharing weights where they compute the same function."""
+    import dataclasses
+
     import torch
 
     from ..config import ModelConfig
+    from ..kernels import TORCH
+    from ..kernels.grouped_ffn import grouped_mm_ffn, loop_grouped_ffn
     from ..model import FeedForward
     from ..moe import MoEFeedForward, moe_forward_reference
 
@@ -122,6 +130,10 @@ def build_candidates(args, device: str):
         "reference": (moe, lambda x: moe_forward_reference(moe, x)),
         "dense": (dense, dense),
     }
+    for name, grouped_ffn in (("torch_grouped_mm", grouped_mm_ffn), ("torch_loop", loop_grouped_ffn)):
+        layer = MoEFeedForward(cfg, kernels=dataclasses.replace(TORCH, grouped_ffn=grouped_ffn)).to(device).train()
+        layer.load_state_dict(moe.state_dict())
+        candidates[name] = (layer, lambda x, layer=layer: layer(x)[0])
     hf = make_hf_block(args, moe, device)
     if hf is not None:
         candidates["hf"] = (hf, hf)
@@ -222,6 +234,8 @@ def bench_device(args, device: str) -> dict:
             if f"{hf_name}_{dtype_name}" in seconds:
                 result[f"speedup_vs_{hf_name}_{dtype_name}"] = round(seconds[f"{hf_name}_{dtype_name}"] / moe_s, 3)
         result[f"tflops_{dtype_name}"] = round(active_flops / moe_s / 1e12, 3)
+        result[f"ratio_grouped_mm_vs_loop_{dtype_name}"] = round(
+            seconds[f"torch_grouped_mm_{dtype_name}"] / seconds[f"torch_loop_{dtype_name}"], 3)
     return result
 
 

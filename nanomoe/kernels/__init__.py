@@ -5,7 +5,8 @@
     native.py      the native backend: the same ops as C++ kernels on the CPU (csrc/), each a
                    PyTorch custom operator with a fake implementation and an autograd formula
     plan.py        the dispatch plan's data type and reference
-    grouped_ffn.py the torch backend's grouped expert FFN (a hand-written backward)
+    grouped_ffn.py the torch backend's grouped expert FFN: grouped GEMM (F.grouped_mm, sync-free), or
+                   the per-expert loop with a hand-written backward where grouped_mm does not run
     decode.py      the native decode step
     extension.py   building and loading the C++ extension (`python -m nanomoe.kernels.build`)
 

@@ -23,7 +23,7 @@ from . import reference
 from .decode import native_decode_step, unsupported_reason
 from .extension import load_extension
 from .grouped_ffn import compute_dtype
-from .plan import ExpertPlan
+from .plan import ExpertPlan, block_sizes  # block sizes read inside the ops: CPU tensors, no graph break
 
 _FLOATS = (torch.float32, torch.bfloat16)
 
@@ -431,11 +431,6 @@ def expert_plan(expert_indices_NK: Tensor, n_experts: int, capacity: int | Tenso
     return ExpertPlan(*_expert_plan(expert_indices_NK.long(), n_experts, capacity, row_multiple, valid_N))
 
 
-def _block_sizes(offsets_E: Tensor) -> list[int]:
-    """Each expert's rows, from a CPU plan's offsets (no sync on the CPU; inside an op, no graph break)."""
-    return torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
-
-
 def row_multiple(device: torch.device, dtype: torch.dtype) -> int:
     """Expert blocks are padded to 32 rows where torch's CPU matmul (oneDNN) compiles a kernel per
     shape (half precision): expert loads change every step, and padded blocks keep the set of
@@ -479,7 +474,7 @@ def _experts_forward(x_ND: Tensor, gate_KN: Tensor, w_in: Tensor, w_out: Tensor,
     out_ND = new(N, D, dtype=dtype)
     with torch.autocast("cpu", enabled=False):  # the kernels run in `dtype`, on the worker threads too
         _ext().experts_forward(
-            x_ND.contiguous(), token_R, _block_sizes(offsets_E), activation, w_in, w_out,
+            x_ND.contiguous(), token_R, block_sizes(offsets_E), activation, w_in, w_out,
             cast(None if b_in is None else b_in[:, :H]), cast(None if b_in is None or not glu else b_in[:, H:]),
             cast(b_out), row_KN, gate_KN.float().contiguous(), x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, out_ND,
         )
@@ -519,7 +514,7 @@ def _experts_backward(dout_ND: Tensor, gate_KN: Tensor, token_R: Tensor, slot_R:
     dx_RD[R].zero_()
     gate32 = gate_KN.float()
     gate_ext = torch.cat([gate32.reshape(-1), gate32.new_zeros(1)])  # padding rows read the 0
-    rows_per_expert = _block_sizes(offsets_E)
+    rows_per_expert = block_sizes(offsets_E)
     _ext().experts_backward(
         dout_ND.to(x_RD.dtype).contiguous(), token_R, slot_R, gate_ext, row_KN, rows_per_expert, activation,
         x_RD, w_g, w_u, w_o, h_RH, u_RH, a_RH, y_RD, dx_ND, dgate_KN, dw_in, dw_out, db_in, db_out,

@@ -30,8 +30,13 @@ class ExpertPlan:
     def rows_per_expert(self) -> list[int]:
         """Each expert's block size, read on the host (a device sync off the CPU): for the
         implementations that loop over experts."""
-        ends = self.offsets_E.tolist()
-        return [end - start for start, end in zip([0, *ends[:-1]], ends)]
+        return block_sizes(self.offsets_E)
+
+
+def block_sizes(offsets_E: torch.Tensor) -> list[int]:
+    """Block sizes from end offsets, read on the host."""
+    ends = offsets_E.tolist()
+    return [end - start for start, end in zip([0, *ends[:-1]], ends)]
 
 
 def round_up(n, multiple: int):
