@@ -1,11 +1,12 @@
 """Parallelisms applied to the model from outside, torchtitan-style: activation checkpointing,
-FSDP2 (`fully_shard` per block), DDP and torch.compile. The model code knows none of them.
+torch.compile per block, FSDP2 (`fully_shard` per block) and DDP. The model code knows none of them.
 
 - `build_model`: every strategy builds the model on the meta device, applies activation
-  checkpointing, shards it (FSDP), then materializes it, only this rank's shards under FSDP, and
-  initializes it. The initial weights are bit-identical for single, DDP and FSDP at any world size.
+  checkpointing, compiles each block (when asked), shards it (FSDP), then materializes it, only
+  this rank's shards under FSDP, and initializes it. The initial weights are bit-identical for
+  single, DDP and FSDP at any world size.
 - `parallelize`: the module the training loop calls: DDP's wrapper (FSDP's `fully_shard` already
-  changed the model in place), compiled when asked.
+  changed the model in place).
 - `no_sync`: DDP's gradient sync skipped on non-final accumulation micro-steps.
 
 Sharded (DCP) checkpoints live with the other checkpoint code in training/checkpoint.py.
@@ -40,8 +41,20 @@ def apply_activation_checkpointing(model: GPT) -> None:
         block.forward = forward
 
 
+def compile_blocks(model: GPT) -> None:
+    """torch.compile each transformer block, in place (`nn.Module.compile`: parameter names and
+    checkpoints are unchanged), as torchtitan does: every block has the same code, so one compiled
+    graph serves them all, a graph break (the MoE dispatch while it reads counts on the host) stays
+    inside its block, and FSDP's per-block all-gathers run between compiled regions. Applied after
+    activation checkpointing (compiled through it) and before `fully_shard`. Embeddings, head and
+    loss stay eager."""
+    for block in model.blocks:
+        block.compile()
+
+
 def build_model(model_config, train_config, ctx: DistContext, device: torch.device):
-    """The GPT the trainer optimizes, on `device`, with activation checkpointing if asked.
+    """The GPT the trainer optimizes, on `device`, with activation checkpointing and per-block
+    torch.compile if asked.
 
     Under FSDP it is built on the meta device (no memory), sharded with `fully_shard` per block and
     at the root, and only then materialized, so each rank allocates its own shards only (how a 3B
@@ -59,6 +72,8 @@ def build_model(model_config, train_config, ctx: DistContext, device: torch.devi
         model = GPT(model_config)  # every process holds it whole anyway (and meta costs ~1 s on first use)
     if train_config.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if train_config.compile:
+        compile_blocks(model)
     if sharded:
         shard_model(model, ctx, train_config.precision, device)
         model.to_empty(device=device)  # allocates the local shards only
@@ -124,10 +139,9 @@ def init_sharded_weights(model) -> None:
 
 
 def parallelize(model: torch.nn.Module, train_config, ctx: DistContext, device: torch.device) -> torch.nn.Module:
-    """The module the training loop calls: the model itself (single, FSDP) or its DDP wrapper,
-    compiled with torch.compile when train_config.compile is set."""
-    wrapped = _data_parallel(model, train_config, ctx, device)
-    return torch.compile(wrapped) if train_config.compile else wrapped
+    """The module the training loop calls: the model itself (single, FSDP) or its DDP wrapper
+    (build_model already compiled its blocks when train_config.compile is set)."""
+    return _data_parallel(model, train_config, ctx, device)
 
 
 def _data_parallel(model: torch.nn.Module, train_config, ctx: DistContext, device: torch.device) -> torch.nn.Module:
@@ -166,5 +180,5 @@ def no_sync(model: torch.nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-__all__ = ["apply_activation_checkpointing", "build_model", "init_sharded_weights", "no_sync", "parallelize",
+__all__ = ["apply_activation_checkpointing", "build_model", "compile_blocks", "init_sharded_weights", "no_sync", "parallelize",
            "shard_model"]

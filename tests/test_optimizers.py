@@ -158,7 +158,7 @@ def test_gradient_clipping_applies_to_muon(data_dir, tmp_path):
         return real_step(*a, **k)
 
     trainer.optimizer.step = step
-    metrics = trainer.train_step()
+    metrics = trainer.train_step().read()
     assert metrics["grad_norm"] > 1e-3
     assert seen["norm"] == pytest.approx(1e-3, rel=1e-3)  # the optimizer saw the clipped gradients
 

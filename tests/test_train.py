@@ -134,7 +134,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     small.train_loader.next_batch = lambda: chunks.pop(0)
     big.train_loader.next_batch = lambda: (x, y)
     g_big, g_small = capture_gradients(big), capture_gradients(small)
-    m_big, m_small = big.train_step(), small.train_step()
+    m_big, m_small = big.train_step().read(), small.train_step().read()
     assert m_big["loss"] == pytest.approx(m_small["loss"], rel=1e-6)
     assert g_big.keys() == g_small.keys() and len(g_big) > 10
     for name in g_big:
@@ -153,7 +153,7 @@ def test_accumulation_weights_every_token_equally_with_padding(data_dir, tmp_pat
     n = [o.n_loss_tokens.item() for o in outs]
     assert len(set(n)) > 1  # padding really differs
     expected = sum(o.loss.item() * k for o, k in zip(outs, n)) / sum(n)
-    metrics = trainer.train_step()
+    metrics = trainer.train_step().read()
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["tokens"] == sum(n)
 
@@ -292,7 +292,7 @@ def test_one_nan_step_is_skipped_and_training_continues(data_dir, tmp_path):
     trainer.train_model.forward = once
     skipped = []
     original_step = trainer.train_step
-    trainer.train_step = lambda: (lambda m: skipped.append(m is None) or m)(original_step())
+    trainer.train_step = lambda: (lambda m: skipped.append(m.read() is None) or m)(original_step())
     result = trainer.fit()
     assert result["step"] == 5 and trainer.state.bad_steps == 0
     assert skipped == [False, True, False, False, False]  # exactly the poisoned step was skipped

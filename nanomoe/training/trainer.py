@@ -1,6 +1,12 @@
 """The training loop: AdamW, lr schedule, gradient accumulation and clipping, mixed precision,
 honest evaluation, atomic checkpoints with exact resume, logging, and a clean stop on signals.
 
+The loop never waits for the GPU between logging intervals: a step's numbers (loss, aux loss,
+gradient norm, expert loads, whether the step was applied) stay on the device as a `StepResult`
+and are read together, one sync, at log, evaluation and checkpoint steps (`read_steps`). A step
+with a non-finite loss or gradient norm is skipped on the device (the fused AdamW kernel's
+`found_inf`), and the skips are counted when the flags are read.
+
 Data parallelism plugs in through `DistContext` (rank-aware logging and saving, per-rank seeds,
 sharded data, reduced metrics; nanomoe/runtime.py) and `nanomoe.parallelize` (activation
 checkpointing, FSDP2 / DDP wrappers, torch.compile, applied from outside the model).
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -27,7 +34,8 @@ from ..mfu import mfu, peak_flops
 from ..model import IGNORE_INDEX
 from ..parallelize import build_model, no_sync, parallelize
 from ..params import flops_per_token
-from ..runtime import DistContext, autocast_context, full_value, is_fsdp, micro_batch_size, resolve_device
+from ..runtime import (DistContext, autocast_context, configure_device, describe_device, full_value, is_fsdp,
+                       host_reads_are_free, micro_batch_size, resolve_device, synchronize)
 from . import checkpoint as ckpt
 from .budget import TimeBudget
 from .config import TrainConfig
@@ -98,16 +106,21 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def clip_grad_norm(parameters, max_norm: float, *, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (same result, bit for bit), minus the multiply when it is a no-op.
+def clip_grad_norm(parameters, max_norm: float, *, optimizer: torch.optim.Optimizer | None = None,
+                   read_norm: bool | None = None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (same result, bit for bit), without reading the norm on the host
+    where that would stall a GPU, and without the no-op multiply where reading it is free.
 
     torch multiplies every gradient by min(1, max_norm / (norm + 1e-6)) unconditionally, to spare
-    the GPU a sync; the trainer reads the norm right afterwards anyway, so here the multiply, a pass
-    over all gradients (4x the dense twin's for an MoE), runs only when it changes something.
+    the GPU a sync. Where the norm lives on the CPU (`read_norm`, the default there) reading it costs
+    nothing, so the multiply, a pass over all gradients (4x the dense twin's for an MoE), runs only
+    when it changes something; on a GPU it always runs, as torch's does (`host_reads_are_free`).
     With `optimizer` (a fused torch optimizer) the gradients are not touched at all: the factor goes
     to the optimizer as `grad_scale` (the protocol GradScaler uses), by which its fused kernel
     divides each gradient as it reads it (leaving the clipped gradient behind, as torch's clipping
-    would); the caller steps and then calls `clear_grad_scale`.
+    would); on a GPU that factor is clamped to exactly 1 when nothing is clipped, which changes no
+    bit. The caller steps and then
+    calls `clear_grad_scale`.
     max_norm <= 0: no clipping, just the norm. Returns the total norm as a plain tensor (gathered
     once from its shards under FSDP).
     """
@@ -116,18 +129,79 @@ def clip_grad_norm(parameters, max_norm: float, *, optimizer: torch.optim.Optimi
     params = [p for p in parameters if p.grad is not None]
     total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # a DTensor under FSDP
     norm = full_value(total_norm)
-    if max_norm > 0 and (not torch.isfinite(norm) or norm + 1e-6 > max_norm):
-        if optimizer is not None and torch.isfinite(norm):
-            optimizer.grad_scale = ((norm + 1e-6) / max_norm).to(torch.float32).reshape(())
-        else:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+    if max_norm <= 0:
+        return norm
+    if read_norm is None:
+        read_norm = host_reads_are_free(norm.device)
+    if read_norm and torch.isfinite(norm) and norm + 1e-6 <= max_norm:
+        return norm  # nothing to clip
+    if optimizer is not None:
+        # a non-finite norm too: the trainer then skips the step (found_inf) and drops the gradients
+        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).to(torch.float32).reshape(())
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
     return norm
 
 
 def clear_grad_scale(optimizer: torch.optim.Optimizer) -> None:
-    """Undo clip_grad_norm's `grad_scale` after the step (or a skipped step)."""
-    if hasattr(optimizer, "grad_scale"):
-        del optimizer.grad_scale
+    """Undo clip_grad_norm's `grad_scale` (and the trainer's `found_inf`) after the step."""
+    for name in ("grad_scale", "found_inf"):
+        if hasattr(optimizer, name):
+            delattr(optimizer, name)
+
+
+def count_targets(y: torch.Tensor) -> int:
+    """Real (non-padding) targets of a host batch, counted with numpy: no torch op, so nothing a
+    sync counter could mistake for reading a device value."""
+    return int(np.count_nonzero(y.numpy() != IGNORE_INDEX))
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's numbers, left where they were computed so that the step is queued on
+    the GPU without waiting for it. `read()` (or `read_steps` for several, one copy) fetches them."""
+
+    lr: float
+    tokens: int  # real targets of the step over all ranks (counted on the host)
+    values: torch.Tensor  # float64, on the device: applied, loss sum, aux sum, grad norm, load cvs, load shares
+    n_micro_batches: int
+    world_size: int
+    n_moe_layers: int
+
+    def read(self) -> dict[str, Any] | None:
+        """The step's metrics as Python numbers, or None when the step was skipped (non-finite)."""
+        return self.metrics(self.values.tolist())
+
+    def metrics(self, values: list[float]) -> dict[str, Any] | None:
+        applied, loss_sum, aux_sum, grad_norm, *loads = values
+        if not applied:
+            return None
+        metrics = {
+            "loss": loss_sum / max(self.tokens, 1.0),
+            "aux_loss": aux_sum / (self.n_micro_batches * self.world_size),
+            "lr": self.lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens,
+        }
+        if self.n_moe_layers:
+            cvs, shares = loads[:self.n_moe_layers], loads[self.n_moe_layers:]
+            n_experts = len(shares) // self.n_moe_layers
+            metrics["load_cv"] = sum(cvs) / len(cvs)
+            metrics["expert_load"] = [shares[i:i + n_experts] for i in range(0, len(shares), n_experts)]
+        return metrics
+
+
+def read_steps(steps: list[StepResult]) -> list[dict[str, Any] | None]:
+    """`StepResult.read()` for each of `steps`, fetched from the device in one copy (one sync)."""
+    if not steps:
+        return []
+    flat = torch.cat([s.values for s in steps]).tolist()
+    out, start = [], 0
+    for s in steps:
+        end = start + s.values.numel()
+        out.append(s.metrics(flat[start:end]))
+        start = end
+    return out
 
 
 class Trainer:
@@ -148,6 +222,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.data_dir = Path(data_dir)
         self.device = resolve_device(train_config.device, self.dist.local_rank)
+        configure_device(self.device)
         if train_config.threads:
             torch.set_num_threads(train_config.threads)
         if train_config.precision == "fp16" and self.device.type != "cuda":
@@ -205,14 +280,15 @@ class Trainer:
         self.model = build_model(model_config, train_config, self.dist, self.device)
         self.kernels = self.model.kernels.name  # the backend config.kernels chose for this device
 
-        # DDP's wrapper, compiled when asked (FSDP already sharded the model in place)
+        # DDP's wrapper (FSDP already sharded the model in place; build_model compiled its blocks)
         self.train_model = parallelize(self.model, train_config, self.dist, self.device)
         self.optimizer = build_optimizer(self.model, train_config)
         self.scaler = torch.amp.GradScaler("cuda", enabled=train_config.precision == "fp16")
-        # clipping inside the fused AdamW step (one pass over the gradients fewer); not with a
-        # GradScaler (which owns grad_scale) nor with FSDP's sharded DTensor parameters; Muon has none
-        self._clip_in_optimizer = (not self.scaler.is_enabled() and not is_fsdp(self.model)
-                                   and isinstance(self.optimizer, torch.optim.AdamW))
+        # clipping inside the fused AdamW step (one pass over the gradients fewer) and skipping a
+        # non-finite step there (its kernel's found_inf: no sync); not with a GradScaler (which owns
+        # both) nor with FSDP's sharded DTensor parameters; Muon has neither
+        self._skip_on_device = (not self.scaler.is_enabled() and not is_fsdp(self.model)
+                                and isinstance(self.optimizer, torch.optim.AdamW))
         self.autocast = lambda: autocast_context(train_config.precision, self.device)
         self.flops_per_token = flops_per_token(model_config, self.seq_len)["train"]
         self.state = TrainState()
@@ -355,21 +431,24 @@ class Trainer:
                 group["betas"] = (beta1, group["betas"][1])
         return lr
 
-    def train_step(self) -> dict[str, Any] | None:
-        """Forward/backward over grad_accum micro-batches and one AdamW step. Returns the step's
-        metrics, or None when the step was skipped because the loss or gradients were not finite."""
+    def train_step(self) -> StepResult:
+        """Forward/backward over grad_accum micro-batches and one AdamW step, queued without waiting
+        for the device. The step is skipped (parameters, optimizer state and router biases left as
+        they were) when the loss or the gradient norm is not finite; `StepResult.read()` says which."""
         lr = self._set_lr()
         micro_batches = [self.train_loader.next_batch() for _ in range(self.cfg.grad_accum)]
         # Normalize by the real (non-padding) targets of the whole step on all ranks, so every token
         # weighs the same however padding is spread over micro-batches and ranks.
-        n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
-        n_total = self.dist.all_reduce_sum(torch.tensor([n_targets], dtype=torch.float64)).item()
+        n_total = n_targets = sum(count_targets(y) for _, y in micro_batches)
+        if self.dist.enabled:
+            n_total = self.dist.all_reduce_sum(torch.tensor([n_targets], dtype=torch.float64)).item()
         scale = self.dist.world_size / max(n_total, 1.0)  # DDP/FSDP average gradients over ranks
 
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
+        # accumulated on the device: reading them here would wait for every micro-batch's kernels
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         routing_loads: list[torch.Tensor] | None = None
-        finite = True
         for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = i == len(micro_batches) - 1
@@ -377,48 +456,56 @@ class Trainer:
                 with self.autocast():
                     out = self.train_model(x, y)
                 loss = out.loss * (out.n_loss_tokens * scale) + out.aux_loss / len(micro_batches)
-                if not torch.isfinite(loss):
-                    finite = False
+                finite &= torch.isfinite(loss.detach())
                 self.scaler.scale(loss).backward()
-            loss_sum += out.loss.detach().double().cpu() * out.n_loss_tokens.item()
-            aux_sum += out.aux_loss.detach().double().cpu()
-            loads = [s.tokens_per_expert.detach().cpu().double() for s in out.moe]
+            loss_sum += out.loss.detach().double() * out.n_loss_tokens
+            aux_sum += out.aux_loss.detach().double()
+            loads = [s.tokens_per_expert.detach().double() for s in out.moe]
             routing_loads = loads if routing_loads is None else [a + b for a, b in zip(routing_loads, loads)]
 
-        if self.dist.enabled:  # every rank must take the same branch: both hold collectives
-            finite = self.dist.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0
-        grad_norm = None
-        if finite:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.grad_clip,
-                                       optimizer=self.optimizer if self._clip_in_optimizer else None)
-            finite = bool(torch.isfinite(grad_norm)) or self.scaler.is_enabled()
-        if not finite:
-            clear_grad_scale(self.optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        try:
-            self.scaler.step(self.optimizer)
-        finally:
-            clear_grad_scale(self.optimizer)
-        self.scaler.update()
+        if self.dist.enabled:  # every rank must skip or apply the same step: a vote, on the device
+            finite = self.dist.all_reduce_sum((~finite).to(torch.float32).reshape(1))[0] == 0
+        grad_norm, applied = self._clip_and_step(finite)
         self.optimizer.zero_grad(set_to_none=True)
         if routing_loads and self.model_config.router_bias_update_rate > 0:
-            self.model.update_router_biases([self.dist.all_reduce_sum(load) for load in routing_loads])
+            # a skipped step's loads are zeroed: all experts equally loaded, so no bias moves
+            routing_loads = [self.dist.all_reduce_sum(load) * applied for load in routing_loads]
+            self.model.update_router_biases(routing_loads)
 
         totals = self.dist.all_reduce_sum(torch.stack([loss_sum, aux_sum]))
-        metrics = {
-            "loss": totals[0].item() / max(n_total, 1.0),
-            "aux_loss": totals[1].item() / (len(micro_batches) * self.dist.world_size),
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens": int(n_total),
-        }
-        if routing_loads:
-            cvs = [(load.std(unbiased=False) / load.mean()).item() for load in routing_loads]
-            metrics["load_cv"] = sum(cvs) / len(cvs)
-            metrics["expert_load"] = [(load / load.sum()).tolist() for load in routing_loads]
-        return metrics
+        routing_loads = routing_loads or []
+        cvs = [load.std(unbiased=False) / load.mean() for load in routing_loads]
+        shares = [load / load.sum() for load in routing_loads]
+        head = torch.stack([applied, totals[0], totals[1], grad_norm.detach().double().reshape(())])
+        return StepResult(lr=lr, tokens=int(n_total), values=torch.cat([head, *[c.reshape(1) for c in cvs], *shares]),
+                          n_micro_batches=len(micro_batches), world_size=self.dist.world_size,
+                          n_moe_layers=len(routing_loads))
+
+    def _clip_and_step(self, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip the gradients and step the optimizer, unless the loss (`finite`, a device bool) or the
+        gradient norm is not finite. Returns the gradient norm and whether the update was applied
+        (1.0 or 0.0, float64, on the device)."""
+        if self._skip_on_device:
+            grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.grad_clip, optimizer=self.optimizer)
+            finite = finite & torch.isfinite(grad_norm)
+            self.optimizer.found_inf = (~finite).to(torch.float32)  # the fused kernel then changes nothing
+            try:
+                self.optimizer.step()
+            finally:
+                clear_grad_scale(self.optimizer)
+            return grad_norm, finite.to(torch.float64)
+        # Muon, FSDP's sharded AdamW and GradScaler have no skip on the device: read the flags (syncs)
+        grad_norm = torch.full((), math.nan, device=self.device)
+        applied = bool(finite)
+        if applied:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
+            # the scaler skips steps with non-finite gradients itself (and lowers its scale)
+            applied = bool(torch.isfinite(grad_norm)) or self.scaler.is_enabled()
+        if applied:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return grad_norm, torch.tensor(float(applied), dtype=torch.float64, device=self.device)
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -446,7 +533,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_incomplete(self.run_dir)
             print(f"nanomoe train: {self.model_config.n_layer}-layer {'MoE' if self.model_config.is_moe else 'dense'} "
-                  f"model on {self.device}, kernels={self.kernels} (asked: {self.model_config.kernels}), "
+                  f"model on {describe_device(self.device)}, kernels={self.kernels} (asked: {self.model_config.kernels}), "
                   f"{self.total_steps or 'budgeted'} steps -> {self.run_dir}", flush=True)
             peak = peak_flops(self.device)  # published for known GPUs, else measured once per machine
             log.info("MFU is against %s", peak.describe())
@@ -461,6 +548,7 @@ class Trainer:
                                         enabled=cfg.progress and self.dist.is_main, peak=peak)
         eval_every = cfg.eval_every or self.steps_per_epoch
         window = {"loss": 0.0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
+        pending: list[StepResult] = []  # steps whose numbers are still on the device
         paused = False
         with StopRequest() as stop:
             while state.step < self.total_steps:
@@ -470,30 +558,26 @@ class Trainer:
                 if requested or (stop_at_step is not None and state.step >= stop_at_step):
                     paused = True
                     break
+                measuring = self.budget is not None and self.budget.decision is None
                 t0 = time.perf_counter()
-                metrics = self.train_step()
+                pending.append(self.train_step())
+                state.step += 1
+                if measuring or self._reads_at(state.step, eval_every):
+                    synchronize(self.device)  # the queued work belongs to this step's time
                 step_seconds = time.perf_counter() - t0
                 state.elapsed_seconds += step_seconds
-                state.step += 1
-                if self.budget is not None and self.budget.decision is None:
+                if measuring:
                     self.total_steps = self.budget.observe(state.step, step_seconds, state.elapsed_seconds)
                     if self.budget.decision is not None:
                         progress.set_total(self.total_steps)
                         log.info("time budget: %d steps at %.3f s/step", self.total_steps,
                                  self.budget.decision.seconds_per_step)
-                if metrics is None:
-                    state.bad_steps += 1
-                    log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)",
-                                state.step, state.bad_steps)
-                    if state.bad_steps >= cfg.max_bad_steps:
-                        raise TrainingError(self._divergence_message())
-                    progress.update(1)
+                progress.update(1)
+                if not self._reads_at(state.step, eval_every):
                     continue
-                state.bad_steps = 0
-                state.tokens_seen += metrics["tokens"]
-                window["loss"] += metrics["loss"]
-                window["tokens"] += metrics["tokens"]
-                window["steps"] += 1
+                metrics = self._read_pending(pending, window)
+                if metrics is None:  # this step was skipped: nothing to log, evaluate or save
+                    continue
 
                 if state.step % cfg.log_every == 0 or state.step == self.total_steps:
                     seconds = time.perf_counter() - window["t0"]
@@ -509,7 +593,6 @@ class Trainer:
                     self.logger.log_train(state.step, row)
                     progress.set_postfix(row)
                     window = {"loss": 0.0, "tokens": 0, "steps": 0, "t0": time.perf_counter()}
-                progress.update(1)
 
                 is_epoch_end = state.step % self.steps_per_epoch == 0
                 if state.step % eval_every == 0 or state.step == self.total_steps:
@@ -520,6 +603,7 @@ class Trainer:
                     self.save(name=f"epoch-{state.step // self.steps_per_epoch:04d}", keep=True)
                     self.save()
             progress.close()
+            self._read_pending(pending, window)  # a pause mid-interval: the checkpoint needs the counts
             if paused:  # still under the handlers: a second signal must not cut this save short
                 stop.saving = True
                 self.save()
@@ -539,6 +623,37 @@ class Trainer:
         if self.dist.is_main:
             self.logger.finish(make_plots=self.cfg.plots)
         return result
+
+    def _reads_at(self, step: int, eval_every: int) -> bool:
+        """Whether the loop reads the pending steps' numbers after `step`: to log, or before an
+        evaluation or a checkpoint (which saves the counts they update)."""
+        cfg = self.cfg
+        return (step % cfg.log_every == 0 or step == self.total_steps or step % eval_every == 0
+                or bool(cfg.save_every and step % cfg.save_every == 0)
+                or bool(cfg.save_epochs and step % self.steps_per_epoch == 0))
+
+    def _read_pending(self, pending: list[StepResult], window: dict[str, Any]) -> dict[str, Any] | None:
+        """Read the pending steps' numbers (one sync), in step order: warn about each skipped step and
+        stop after max_bad_steps in a row, as if each had been read when it ran; add the applied
+        ones to the logging window. Returns the last step's metrics (None: it was skipped)."""
+        state = self.state
+        metrics = None
+        first = state.step - len(pending) + 1
+        results = read_steps(pending)
+        pending.clear()
+        for step, metrics in enumerate(results, start=first):
+            if metrics is None:
+                state.bad_steps += 1
+                log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", step, state.bad_steps)
+                if state.bad_steps >= self.cfg.max_bad_steps:
+                    raise TrainingError(self._divergence_message())
+                continue
+            state.bad_steps = 0
+            state.tokens_seen += metrics["tokens"]
+            window["loss"] += metrics["loss"]
+            window["tokens"] += metrics["tokens"]
+            window["steps"] += 1
+        return metrics
 
     def _divergence_message(self) -> str:
         cfg = self.cfg
@@ -582,7 +697,8 @@ class Trainer:
         prompt = self.cfg.sample_prompt if prompt is None else prompt
         ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
         idx = torch.tensor([ids] * n, device=self.device)
-        with self.autocast():
+        # eager even when the blocks are compiled for training: decoding's shapes change every token
+        with self.autocast(), torch.compiler.set_stance("force_eager"):
             out = generate(model, idx, max_new_tokens or self.cfg.sample_tokens, temperature=0.8, top_k=50,
                                  stop_id=self.tokenizer.eot_id, seed=seed)
         stories = []
