@@ -30,6 +30,7 @@ from .errors import ConfigError
 
 
 CUDA_INSTALL_COMMAND = "bash scripts/setup.sh --cuda"
+NVIDIA_DEVICE_FILE = Path("/dev/nvidia0")  # the driver's first GPU
 
 
 def cpu_torch_on_a_gpu_machine() -> bool:
@@ -37,7 +38,7 @@ def cpu_torch_on_a_gpu_machine() -> bool:
     build, so `--device auto` would train on the CPU without the user knowing why."""
     if torch.version.cuda is not None:
         return False
-    return shutil.which("nvidia-smi") is not None or Path("/dev/nvidia0").exists()
+    return shutil.which("nvidia-smi") is not None or NVIDIA_DEVICE_FILE.exists()
 
 
 def cpu_torch_message() -> str:
@@ -52,8 +53,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: nanomoe trains on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         if cpu_torch_on_a_gpu_machine():
             raise ConfigError(f"--device {name}: {cpu_torch_message()} (or use --device cpu)")
@@ -64,6 +63,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 trains with a CUDA gradient scaler; anywhere else it is refused with what to use."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision fp16 needs a GPU (it relies on a CUDA gradient scaler) and this run is on "
+                          f"the {device.type}: use --set precision=bf16 (or fp32)")
 
 
 def configure_device(device: torch.device) -> None:
@@ -243,6 +249,6 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-__all__ = ["CUDA_INSTALL_COMMAND", "DistContext", "autocast_context", "configure_device", "cpu_torch_message",
+__all__ = ["CUDA_INSTALL_COMMAND", "DistContext", "autocast_context", "check_precision", "configure_device", "cpu_torch_message",
            "cpu_torch_on_a_gpu_machine", "describe_device", "exit_worker", "full_value", "host_reads_are_free", "is_fsdp",
            "micro_batch_size", "resolve_device", "synchronize"]

@@ -2,12 +2,17 @@
 one-line error that names what to change (no traceback), and nothing is left half-changed."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from hostile_helpers import cli, cli_env, copy_run, snapshot
+
+from nanomoe import runtime
 
 STEP2 = "checkpoints/step-00000002"
 
@@ -170,3 +175,75 @@ def test_a_full_disk_is_reported_in_words(tiny_data, tmp_path, monkeypatch, caps
                  "--max-steps", "1", "--no-progress", "--set", "samples=0", "--set", "block_size=32"]) == 1
     err = capsys.readouterr().err
     assert "no space left on device" in err and "Free some space or pass another --out" in err
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+def fake_nvidia_smi(tmp_path) -> dict[str, str]:
+    """An environment in which an NVIDIA driver looks installed (nvidia-smi on the PATH)."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def no_gpu_here():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: these are the errors of a machine without one")
+
+
+@pytest.mark.parametrize("fake_driver, needles", [
+    (False, ["--device cuda was requested but no CUDA GPU is available; use --device cpu"]),
+    (True, ["is the CPU build; install the CUDA build with: bash scripts/setup.sh --cuda"]),
+])
+def test_device_cuda_without_a_usable_gpu_is_one_line_before_any_work(fake_driver, needles, tmp_path):
+    no_gpu_here()
+    env = fake_nvidia_smi(tmp_path) if fake_driver and torch.version.cuda is None else None
+    if fake_driver and env is None:
+        pytest.skip("torch here is a CUDA build")
+    result = cli("train", "--device", "cuda", "--data", tmp_path / "no-data", "--out", tmp_path / "run", env=env)
+    result.expect(*needles)
+    assert len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_fp16_on_the_cpu_is_one_line_before_any_work(tmp_path):
+    result = cli("train", "--device", "cpu", "--set", "precision=fp16", "--data", tmp_path / "no-data",
+                 "--out", tmp_path / "run")
+    result.expect("precision fp16 needs a GPU", "this run is on the cpu: use --set precision=bf16")
+    assert len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_auto_with_a_gpu_but_cpu_torch_says_so_and_trains_on_the_cpu(tiny_data, tmp_path):
+    no_gpu_here()
+    if torch.version.cuda is not None:
+        pytest.skip("torch here is a CUDA build")
+    args = ("train", "--preset", "debug", "--data", tiny_data, "--out", tmp_path / "run", "--max-steps", "1",
+            "--no-progress", "--set", "block_size=32", "--set", "samples=0")
+    result = cli(*args, env=fake_nvidia_smi(tmp_path))
+    result.expect("training on the CPU: an NVIDIA GPU is visible but torch", "bash scripts/setup.sh --cuda", code=0)
+    assert sum("NVIDIA GPU is visible" in line for line in result.err.splitlines()) == 1
+    assert "model on cpu (" in result.out  # the device it picked, in its first line
+    if runtime.cpu_torch_on_a_gpu_machine():
+        return  # this machine really has a driver: no run without one to compare
+    plain = cli(*args[:6], tmp_path / "plain", *args[7:])
+    plain.expect(code=0)
+    assert "NVIDIA GPU is visible" not in plain.out + plain.err
+
+
+@pytest.mark.parametrize("cuda_build, smi, dev_file, expected", [
+    (None, True, False, True),  # the driver's tool on the PATH, CPU torch
+    (None, False, True, True),  # the device file only (a container without nvidia-smi)
+    (None, False, False, False),  # no GPU at all
+    ("12.8", True, True, False),  # the CUDA build: nothing to fix
+])
+def test_cpu_torch_on_a_gpu_machine_is_detected(monkeypatch, tmp_path, cuda_build, smi, dev_file, expected):
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if smi and name == "nvidia-smi" else None)
+    device_file = tmp_path / "nvidia0"
+    if dev_file:
+        device_file.touch()
+    monkeypatch.setattr(runtime, "NVIDIA_DEVICE_FILE", device_file)
+    assert runtime.cpu_torch_on_a_gpu_machine() is expected

@@ -84,6 +84,32 @@ def test_clip_grad_norm_matches_torch_and_skips_the_no_op_multiply(max_norm, mon
         assert torch.nn.utils.get_total_norm([p.grad for p in ours[:2]]).item() == pytest.approx(max_norm, rel=1e-5)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_grad_norm_without_reading_the_norm_matches_torch(max_norm):
+    """The GPU path: the norm never read on the host, the multiply (or the fused kernel's factor,
+    clamped to exactly 1 when nothing is clipped) always applied, torch's result bit for bit."""
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.zeros(n)) for n in (7, 300)]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        return ps
+
+    ours, ref, fused = params(), params(), params()
+    with HostReads() as reads:
+        got = clip_grad_norm(ours, max_norm, read_norm=False)
+        opt = torch.optim.AdamW(fused, lr=0.1, fused=True)
+        clip_grad_norm(fused, max_norm, optimizer=opt, read_norm=False)
+    assert reads.count == 0
+    expected = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert torch.equal(got, expected)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.grad, b.grad)
+    assert torch.equal(opt.grad_scale, ((expected + 1e-6) / max_norm).clamp(min=1.0))
+    if max_norm > expected.item():
+        assert opt.grad_scale.item() == 1.0  # divides by exactly 1: no bit changes
+
+
 def test_a_clipping_factor_left_by_an_interrupted_step_is_not_reused():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.AdamW([p], lr=1.0, fused=True)
@@ -493,3 +519,94 @@ def test_activation_checkpointing_replays_dropout_and_noisy_gating_exactly():
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
     assert any(g.abs().sum() > 0 for n, g in plain.items() if "router.noise" in n)  # the noise path trained
+
+
+# ---------------------------------------------------------------------------------------------
+# No host-device syncs between logging intervals
+
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+              torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.cpu}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values on the host: each one waits for the GPU's queue to drain there.
+    `paused` leaves the model's own forward out (the model and the MoE dispatch have their tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS and not self.paused:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_reads_counter_sees_each_kind_of_read():
+    t = torch.ones(2)
+    with HostReads() as reads:
+        t.sum().item(), bool(t[0]), int(t[1]), float(t[0]), t.tolist(), t.cpu()
+    assert reads.count == 6
+
+
+@pytest.mark.parametrize("model_changes, train_changes", [
+    (dict(router_bias_update_rate=0.01), {}),  # MoE, expert loads and the bias update
+    (dict(n_experts=0), dict(grad_accum=2)),  # dense
+])
+def test_the_loop_reads_device_values_only_at_log_eval_and_save_steps(data_dir, tmp_path, monkeypatch, model_changes,
+                                                                      train_changes):
+    # as on a GPU, where reading the gradient norm to skip a no-op multiply would cost a sync
+    monkeypatch.setattr("nanomoe.training.trainer.host_reads_are_free", lambda device: False)
+    cfg = quiet(max_steps=12, log_every=4, eval_every=6, save_every=5, grad_clip=0.5, **train_changes)
+    trainer = Trainer(tiny_model(**model_changes), cfg, tmp_path / "r", data_dir)
+    reads = HostReads()
+    forward = trainer.train_model.forward
+
+    def model_forward(*args, **kwargs):
+        reads.paused = True
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            reads.paused = False
+
+    trainer.train_model.forward = model_forward
+    at_step_start = []
+    step = trainer.train_step
+    trainer.train_step = lambda: at_step_start.append(reads.count) or step()
+    with reads:
+        trainer.fit()
+    per_step = [b - a for a, b in zip(at_step_start, at_step_start[1:] + [reads.count])]
+    reading = {4, 5, 6, 8, 10, 12}  # log (4, 8, 12), evaluation (6, 12), checkpoint (5, 10)
+    assert len(per_step) == 12
+    assert {i + 1 for i, n in enumerate(per_step) if n} == reading, per_step
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [4, 8, 12]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_seen"] > 0 for r in train_rows)
+    assert trainer.state.tokens_seen == 12 * train_rows[0]["tokens"]
+
+
+def test_compile_applies_per_block_and_trains_like_eager(data_dir, tmp_path, monkeypatch):
+    """compile=true compiles each block in place (torchtitan's way, before FSDP would wrap them):
+    same parameter names, so checkpoints are unchanged, and the same training steps as eager."""
+    real_compile = torch.compile
+    compiled = []
+
+    def aot_eager(fn, *args, **kwargs):  # dynamo + autograd tracing, no C++ build
+        compiled.append(fn)
+        return real_compile(fn, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    model_cfg = tiny_model(dropout=0.0, n_experts=0)
+    eager = Trainer(model_cfg, quiet(max_steps=3), tmp_path / "eager", data_dir)
+    assert not compiled
+    fast = Trainer(model_cfg, quiet(max_steps=3, compile=True), tmp_path / "compiled", data_dir)
+    assert len(compiled) == model_cfg.n_layer  # one per block, nothing around the whole model
+    assert fast.train_model is fast.model and list(params_of(fast)) == list(params_of(eager))
+    for _ in range(3):
+        a, b = eager.train_step().read(), fast.train_step().read()
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for name, value in params_of(eager).items():
+        torch.testing.assert_close(params_of(fast)[name], value, rtol=1e-4, atol=1e-5, msg=name)

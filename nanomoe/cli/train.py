@@ -70,6 +70,19 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out} is not writable ({e.strerror or e}); choose another directory") from None
 
 
+def check_device(train_cfg) -> str:
+    """The device type the run will use, checked before any data is prepared: a GPU that is asked
+    for but absent, fp16 without a GPU, and (a warning) a GPU left unused because torch is the CPU
+    build all say what to change in one line."""
+    from ..runtime import check_precision, cpu_torch_message, cpu_torch_on_a_gpu_machine, resolve_device
+
+    device = resolve_device(train_cfg.device)
+    if train_cfg.device == "auto" and device.type == "cpu" and cpu_torch_on_a_gpu_machine():
+        log.warning("training on the CPU: %s", cpu_torch_message())
+    check_precision(train_cfg.precision, device)
+    return device.type
+
+
 def cmd_train(args) -> int:
     """Train a model. With no arguments: tiny-moe on the built-in story corpus for 2 minutes of training
     steps (the default recipe's time budget), then print sample stories.
@@ -86,7 +99,7 @@ def cmd_train(args) -> int:
     from ..config import ModelConfig
     from ..errors import ConfigError
     from ..presets import resolve_model_config
-    from ..runtime import DistContext, resolve_device
+    from ..runtime import DistContext
     from ..training import checkpoint as ckpt
     from ..training.config import TrainConfig, resolve_train_config, split_overrides
     from ..training.run_lock import LOCK_FILE, RunLock
@@ -131,6 +144,7 @@ def cmd_train(args) -> int:
         changes = resolve_train_config(overrides=args.set, **explicit).to_dict()
         given = {k for k, v in explicit.items() if v is not None} | {i.split("=", 1)[0] for i in args.set or []}
         train_cfg = train_cfg.replace(**{k: changes[k] for k in given if k in changes})
+        device_type = check_device(train_cfg)
         data_dir = resolve_data_dir(train_cfg.data, model_cfg.vocab_size) if args.data else Path(
             ckpt.read_json(ckpt_dir / "trainer_state.json")["data_dir"])
         resume_from = ckpt_dir
@@ -139,6 +153,7 @@ def cmd_train(args) -> int:
         model_cfg = resolve_model_config(preset, args.config, model_overrides)
         train_cfg = resolve_train_config(args.recipe or ("default" if not args.config else None), args.config,
                                          args.set, **explicit)
+        device_type = check_device(train_cfg)
         data_dir = resolve_data_dir(train_cfg.data, model_cfg.vocab_size)
         if not _explicit_vocab(args.config, args.set):
             from ..data import read_meta
@@ -155,7 +170,6 @@ def cmd_train(args) -> int:
         resume_from = None
     assert isinstance(model_cfg, ModelConfig)
 
-    device_type = resolve_device(train_cfg.device).type
     if device_type == "cpu":
         from ..malloc import keep_freed_memory
 

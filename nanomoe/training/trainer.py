@@ -34,7 +34,7 @@ from ..mfu import mfu, peak_flops
 from ..model import IGNORE_INDEX
 from ..parallelize import build_model, no_sync, parallelize
 from ..params import flops_per_token
-from ..runtime import (DistContext, autocast_context, configure_device, describe_device, full_value, is_fsdp,
+from ..runtime import (DistContext, autocast_context, check_precision, configure_device, describe_device, full_value, is_fsdp,
                        host_reads_are_free, micro_batch_size, resolve_device, synchronize)
 from . import checkpoint as ckpt
 from .budget import TimeBudget
@@ -225,8 +225,7 @@ class Trainer:
         configure_device(self.device)
         if train_config.threads:
             torch.set_num_threads(train_config.threads)
-        if train_config.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("precision fp16 needs a GPU (it relies on a gradient scaler); use bf16 or fp32 on CPU")
+        check_precision(train_config.precision, self.device)
 
         # --- data: check that the model fits it before spending any time ---
         self.data_meta = read_meta(self.data_dir)
