@@ -31,6 +31,7 @@ def load_model(args):
     import torch
 
     from ..model import GPT
+    from ..runtime import resolve_device
 
     if args.checkpoint:
         from ..training.checkpoint import load_checkpoint
@@ -48,7 +49,7 @@ def load_model(args):
         model, name = GPT(cfg), args.preset
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
-    return model.eval(), name
+    return model.to(resolve_device(args.device)).eval(), name
 
 
 def run(args) -> dict:
@@ -122,6 +123,7 @@ def run(args) -> dict:
 
     report = {
         "model": model_name,
+        "device": str(model.tok_emb.weight.device),
         "n_params": model.num_params(),
         "dtype": str(model.tok_emb.weight.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
@@ -197,6 +199,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16",
                    help="weights and KV cache (default bf16: half the bytes per token of fp32)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto (CUDA when present); "
+                   "every case ends by reading its tokens on the host, so the timings include the GPU's work")
     p.add_argument("--compile", action=argparse_bool(), default=True,
                    help="torch.compile the decode step (default: on; --no-compile for eager)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -55,11 +55,12 @@ def _bench_moe(args) -> int:
     import torch
 
     from ..malloc import keep_freed_memory
+    from ..runtime import resolve_device
 
     # Without this, whether a candidate page-faults its activations anew every step depends on the
     # order of its allocations relative to glibc's trimming heuristics (docs/moe.md), not on its code.
     malloc = "keep-freed" if args.malloc == "keep-freed" and keep_freed_memory() else "default"
-    devices = [args.device]
+    devices = [resolve_device(args.device).type]  # a GPU asked for but absent: one line saying so
     if args.device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
