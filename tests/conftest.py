@@ -1,6 +1,18 @@
 """Fixtures shared by the test modules."""
 
 import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason, where no CUDA GPU is visible."""
+    if torch.cuda.is_available():
+        return
+    why = ("no CUDA GPU visible: torch is the CPU build" if torch.version.cuda is None else "no CUDA GPU visible")
+    skip = pytest.mark.skip(reason=f"{why} (on a GPU machine: bash scripts/gpu_check.sh)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture
