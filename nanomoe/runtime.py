@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from .errors import ConfigError
 
-
 CUDA_INSTALL_COMMAND = "bash scripts/setup.sh --cuda"
 NVIDIA_DEVICE_FILE = Path("/dev/nvidia0")  # the driver's first GPU
 

@@ -34,8 +34,19 @@ from ..mfu import mfu, peak_flops
 from ..model import IGNORE_INDEX
 from ..parallelize import build_model, no_sync, parallelize
 from ..params import flops_per_token
-from ..runtime import (DistContext, autocast_context, check_precision, configure_device, describe_device, full_value, is_fsdp,
-                       host_reads_are_free, micro_batch_size, resolve_device, synchronize)
+from ..runtime import (
+    DistContext,
+    autocast_context,
+    check_precision,
+    configure_device,
+    describe_device,
+    full_value,
+    host_reads_are_free,
+    is_fsdp,
+    micro_batch_size,
+    resolve_device,
+    synchronize,
+)
 from . import checkpoint as ckpt
 from .budget import TimeBudget
 from .config import TrainConfig
