@@ -26,6 +26,7 @@ from typing import Any
 from .atomic_io import write_json_atomic, write_text_atomic
 from .config import ModelConfig
 from .errors import ConfigError
+from .runtime import synchronize
 
 log = logging.getLogger("nanomoe.study")
 
@@ -61,6 +62,7 @@ def measure_interleaved(trainers: list, rounds: int) -> list[list[float]]:
         for i in order:
             t0 = time.perf_counter()
             trainers[i].train_step()
+            synchronize(trainers[i].device)  # a step queued on a GPU is not a step done
             seconds = time.perf_counter() - t0
             if r >= WARMUP_ROUNDS:
                 times[i].append(seconds)

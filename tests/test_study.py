@@ -4,6 +4,7 @@ study.json / study.md / study.png, optional W&B logging (offline), and clear err
 import json
 
 import pytest
+import torch
 
 from nanomoe.cli import main
 from nanomoe.cli.study import label_of, parse_run_spec
@@ -30,6 +31,7 @@ def test_runs_take_turns_and_each_is_timed_separately(monkeypatch):
     class Fake:
         def __init__(self, name, cost):
             self.name, self.cost = name, cost
+            self.device = torch.device("cpu")
 
         def train_step(self):
             calls.append(self.name)
