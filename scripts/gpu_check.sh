@@ -102,7 +102,7 @@ PYEOF
 TRAIN=(-m nanomoe train --data builtin --device cuda --max-steps 200 --no-progress --set compile=true
        --set samples=0 --set eval_every=200 --set log_every=20)
 stage data 60 "$PY" -c "from nanomoe.data import builtin_corpus_dir; print(builtin_corpus_dir())"
-stage tests 120 "$PY" -m pytest -q -rs -m cuda tests/test_cuda.py --junitxml "$OUT/tests.xml"
+stage tests 120 "$PY" -m pytest -q -rs -m cuda tests/ --junitxml "$OUT/tests.xml"
 stage train-tiny-moe 120 "$PY" "${TRAIN[@]}" --preset tiny-moe --out "$OUT/train-tiny-moe"
 stage train-tiny-dense 90 "$PY" "${TRAIN[@]}" --preset tiny-dense --out "$OUT/train-tiny-dense"
 stage_json bench-moe 60 "$PY" -m nanomoe bench moe --device cuda --json
