@@ -150,7 +150,7 @@ def cmd_bench_serve(args) -> int:
             port = s.getsockname()[1]
         base = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "nanomoe", "serve", "--checkpoint", str(run), "--port", str(port),
-                   "--max-batch", str(args.max_batch), "--log-level", "warning", "--grace", "1"]
+                   "--max-batch", str(args.max_batch), "--dtype", args.dtype, "--log-level", "warning", "--grace", "1"]
         if args.threads:
             command += ["--threads", str(args.threads)]
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -158,7 +158,7 @@ def cmd_bench_serve(args) -> int:
         try:
             health = _wait_for(base, proc)
             result = {"model": str(args.checkpoint or f"{args.preset} (random weights)"), "backend": health["backend"],
-                      "max_batch": args.max_batch, "max_tokens": args.max_tokens}
+                      "dtype": args.dtype, "max_batch": args.max_batch, "max_tokens": args.max_tokens}
             if not args.no_baseline:
                 result["single"] = asyncio.run(_phase(base, 1, args.seconds, args.max_tokens))
             result["concurrent"] = asyncio.run(_phase(base, args.clients, args.seconds, args.max_tokens))
@@ -195,5 +195,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default 128)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the server's --dtype (default fp32, the server's default; bf16: faster batches, "
+                        "see docs/serve.md)")
     p.add_argument("--no-baseline", action="store_true", help="skip the single-client phase")
     p.add_argument("--json", action="store_true", help="print one JSON object")
