@@ -338,9 +338,10 @@ class GPT(GenerationMixin, nn.Module):
         return out
 
     def _run_blocks(self, x, rope, kv_cache, slots_T, attn_mask, valid) -> tuple[torch.Tensor, list[MoEStats]]:
-        # A function of its own for torch.compile: the MoE dispatch is a graph break, and a break in a
-        # loop makes dynamo run the whole frame eagerly. Here that frame is only the loop; each block,
-        # and the head and loss after it, are still compiled.
+        # A function of its own for torch.compile: on the native kernels the MoE dispatch (a plan whose
+        # row count depends on the routing) is a graph break, and a break in a loop makes dynamo run the
+        # whole frame eagerly. Here that frame is only the loop; each block, and the head and loss
+        # after it, are still compiled. (The torch kernels' dispatch is sync-free: one graph.)
         moe_stats: list[MoEStats] = []
         for block in self.blocks:
             x, stats = block(x, rope, kv_cache, slots_T, attn_mask, valid)
