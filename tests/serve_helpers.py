@@ -43,6 +43,7 @@ def free_port() -> int:
 def live_server(run, *extra: str):
     """`nanomoe serve` in a thread; yields its base URL; stops it at the end."""
     port = free_port()
+    threads = torch.get_num_threads()  # the server sets the process's threads: restored at the end
     args = build_parser().parse_args(["serve", "--checkpoint", str(run), "--port", str(port), "--max-batch", "8",
                                       "--log-level", "warning", "--grace", "2", *extra])
     server = build_server(args)
@@ -58,6 +59,7 @@ def live_server(run, *extra: str):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        torch.set_num_threads(threads)
         assert not thread.is_alive(), "the server did not stop"
 
 

@@ -13,9 +13,10 @@ from ..checked import arg
 from . import add_command
 
 
-def add_model_args(p, *, compile_option: bool = True) -> None:
+def add_model_args(p, *, server: bool = False) -> None:
     """The checkpoint, device, dtype and thread options of every command that samples from a model
-    (generate, chat, serve); `compile_option`: also --compile (serve picks its decode step itself)."""
+    (generate, chat, serve). A server picks its decode step itself (no --compile) and leaves a core
+    to its HTTP layer (cli/serve.py, serving_threads)."""
     p.add_argument("--checkpoint", required=True, metavar="RUN",
                    help="a run dir (its best.json, else latest.json) or a checkpoints/step-* dir")
     p.add_argument("--prefer", choices=["best", "latest"], default="best",
@@ -24,12 +25,13 @@ def add_model_args(p, *, compile_option: bool = True) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="weights and KV cache: fp32 (default, exact) or bf16 (half the memory traffic; pays "
                         "off with a compiled or native decode step: eager one-row bf16 products are slow on CPUs)")
-    if compile_option:
+    if not server:
         p.add_argument("--compile", action="store_true",
                        help="compiled decode steps: on the CPU a native C++ step, dense or MoE (~8-17x eager "
                             "at batch 1 in bf16; built once per machine, ~30 s), elsewhere torch.compile for dense "
                             "models (the first answer waits for the compilation)")
-    p.add_argument("--threads", type=arg(int, "--threads", minimum=1), help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=arg(int, "--threads", minimum=1),
+                   help="CPU threads (default: " + ("every core but one" if server else "torch's choice") + ")")
 
 
 def add_sampling_args(p, *, max_new_tokens: int) -> None:

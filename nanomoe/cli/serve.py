@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
 
 from . import add_command
 from .generate import add_model_args, load_for_generation
+
+
+def serving_threads(cores: int | None = None) -> int:
+    """The model's CPU threads when --threads is not given: every core but one. The HTTP layer
+    (and, on one machine, the clients) need a core of their own: a decode step whose thread team
+    shares every core with them waits at each of its barriers for a thread that was preempted."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def build_server(args):
@@ -22,6 +31,8 @@ def build_server(args):
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key is empty: give a key, or leave the option out for no key")
+    if args.threads is None:
+        args.threads = serving_threads()
     ckpt = load_for_generation(args)
     scheduler = Scheduler(ckpt.model, ckpt.tokenizer, args.max_batch, native=not args.no_native)
     name = args.name or Path(args.checkpoint).resolve().name
@@ -62,7 +73,7 @@ def cmd_serve(args) -> int:
 
 
 def add_serve_args(p) -> None:
-    add_model_args(p, compile_option=False)
+    add_model_args(p, server=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together at most (default 32)")

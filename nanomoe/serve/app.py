@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
 
+import torch
 from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -90,6 +91,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
     tokenizer = scheduler.tokenizer
     block_size = scheduler.block_size
     model_config = scheduler.engine.model.config
+    threads = torch.get_num_threads()  # what the model runs on (set by the CLI before the app)
     created = int(time.time())
 
     @asynccontextmanager
@@ -137,7 +139,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "backend": scheduler.engine.backend,
-                "busy": scheduler.busy(), "max_batch": scheduler.max_batch}
+                "busy": scheduler.busy(), "max_batch": scheduler.max_batch, "threads": threads}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
