@@ -72,13 +72,15 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, pen
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None, *,
-                repetition_penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
+                top_p: float | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                *, repetition_penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V). temperature 0 = greedy.
 
     top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p
     (nucleus sampling, Holtzman et al. 2019); both apply after the temperature. `seen` (B, V) bool
-    marks tokens the repetition penalty applies to.
+    marks tokens the repetition penalty applies to. `generator`: one for the batch, or one per row
+    (row b then draws exactly what it would draw alone from generator[b]; without top_p, whose
+    shortlist depends on the batch, its token is the one it would get alone).
     """
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None:
@@ -119,12 +121,18 @@ def _nucleus_shortlist(probs_BV: torch.Tensor, top_p: float):
     return torch.sort(probs_BV, descending=True, dim=-1)
 
 
-def _draw(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(probs_BV: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
     """One index per row with the given probabilities (B, 1), by inverting the cumulative sum at a
     uniform draw: the same distribution as torch.multinomial at a fraction of its cost for one draw.
-    A token of probability 0 is never chosen (its cumulative sum equals its predecessor's)."""
+    A token of probability 0 is never chosen (its cumulative sum equals its predecessor's).
+    `generator` may be one per row: each row's uniform then comes from its own."""
     cdf = probs_BV.cumsum(dim=-1)
-    u = torch.rand(probs_BV.shape[0], 1, generator=generator, device=probs_BV.device, dtype=cdf.dtype)
+    if isinstance(generator, Sequence):
+        if len(generator) != probs_BV.shape[0]:
+            raise ConfigError(f"{len(generator)} generators for {probs_BV.shape[0]} rows")
+        u = torch.cat([torch.rand(1, 1, generator=g, device=probs_BV.device, dtype=cdf.dtype) for g in generator])
+    else:
+        u = torch.rand(probs_BV.shape[0], 1, generator=generator, device=probs_BV.device, dtype=cdf.dtype)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return choice.clamp_(max=probs_BV.shape[-1] - 1)
 

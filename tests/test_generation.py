@@ -191,6 +191,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {0, 1, 2}
 
 
+@pytest.mark.parametrize("top_k", [None, 40])
+def test_one_generator_per_row_draws_what_each_row_draws_alone(top_k):
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(1)) * 3
+    batched = [torch.Generator().manual_seed(10 + b) for b in range(5)]
+    alone = [torch.Generator().manual_seed(10 + b) for b in range(5)]
+    for _ in range(50):  # every row's generator advances as it would alone
+        together = sample_next(logits, 0.8, top_k, generator=batched).tolist()
+        assert together == [sample_next(logits[b:b + 1], 0.8, top_k, generator=alone[b]).item() for b in range(5)]
+    with pytest.raises(ConfigError, match="3 generators for 5 rows"):
+        sample_next(logits, 0.8, generator=batched[:3])
+
+
 def test_draws_follow_the_probabilities_and_never_pick_an_impossible_token():
     from nanomoe.generation import _draw
 

@@ -162,20 +162,45 @@ class Scheduler:
             sid = next(self._ids)
             logits_V, _ = self.engine.add(sid, seq.request.prompt)
             self._running[sid] = seq
-            self._sample(sid, seq, logits_V[None])
+            self._sample([(sid, seq)], logits_V[None])
 
     def _step(self) -> None:
         sids, logits_BV, experts = self.engine.step({sid: seq.feed for sid, seq in self._running.items()})
+        rows, live = [], []
         for b, sid in enumerate(sids):
             seq = self._running[sid]
             if seq.request.experts:  # the fed token's experts are known now: hand it out with them
                 if self._emit_token(sid, seq, seq.feed, [e[b].tolist() for e in experts]):
                     continue
-            self._sample(sid, seq, logits_BV[b:b + 1])
+            rows.append(b)
+            live.append((sid, seq))
+        if live:
+            self._sample(live, logits_BV[rows])
 
-    def _sample(self, sid: int, seq: _Sequence, logits_1V: torch.Tensor) -> None:
+    def _sample(self, live: list[tuple[int, _Sequence]], logits_BV: torch.Tensor) -> None:
+        """Sample the next token of every sequence in `live` (row b of logits_BV is live[b]'s).
+
+        Rows whose requests sample alike run as one batch, each drawing from its own generator,
+        so a row's token is the one it would get alone; top_p rows run one by one (the nucleus
+        shortlist is decided for a whole batch)."""
+        groups: dict[tuple, list[int]] = {}
+        for b, (_, seq) in enumerate(live):
+            r = seq.request
+            key = (r.temperature, r.top_k, r.top_p) if r.top_p is None or r.top_p >= 1 else ("row", b)
+            groups.setdefault(key, []).append(b)
+        tokens: list[int] = [0] * len(live)
+        for members in groups.values():
+            r = live[members[0]][1].request
+            logits = logits_BV[members] if len(members) < len(live) else logits_BV
+            drawn = sample_next(logits, r.temperature, r.top_k, r.top_p, [live[b][1].generator for b in members])
+            for b, token in zip(members, drawn.tolist()):
+                tokens[b] = token
+        for (sid, seq), token in zip(live, tokens):
+            self._take(sid, seq, token)
+
+    def _take(self, sid: int, seq: _Sequence, token: int) -> None:
+        """The sequence's newly sampled token: hand it out now, or (experts reported) after the next step."""
         r = seq.request
-        token = int(sample_next(logits_1V, r.temperature, r.top_k, r.top_p, seq.generator)[0])
         if r.experts and token not in r.stop_ids:
             seq.feed = token  # handed out after the next step, with its experts
             return
