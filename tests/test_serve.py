@@ -19,7 +19,6 @@ import torch
 from serve_helpers import free_port, get_json, live_server, save_run
 
 from nanomoe.cli import main
-from nanomoe.cli.serve import serving_threads
 from nanomoe.generation import generate_batch
 from nanomoe.model import GPT
 from nanomoe.presets import get_preset
@@ -117,11 +116,6 @@ def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = get_json(server + "/health")
     assert health["status"] == "ok" and health["max_batch"] == 8
-    assert health["threads"] == serving_threads()  # no --threads: every core but one
-
-
-def test_serving_threads_leave_a_core_to_the_http_layer():
-    assert [serving_threads(cores) for cores in (1, 2, 4, 16)] == [1, 1, 3, 15]
 
 
 def test_completion_streaming_gives_the_same_text_and_usage(client):

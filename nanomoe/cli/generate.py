@@ -15,8 +15,7 @@ from . import add_command
 
 def add_model_args(p, *, server: bool = False) -> None:
     """The checkpoint, device, dtype and thread options of every command that samples from a model
-    (generate, chat, serve). A server picks its decode step itself (no --compile) and leaves a core
-    to its HTTP layer (cli/serve.py, serving_threads)."""
+    (generate, chat, serve). A server picks its decode step itself (no --compile)."""
     p.add_argument("--checkpoint", required=True, metavar="RUN",
                    help="a run dir (its best.json, else latest.json) or a checkpoints/step-* dir")
     p.add_argument("--prefer", choices=["best", "latest"], default="best",
@@ -31,7 +30,9 @@ def add_model_args(p, *, server: bool = False) -> None:
                             "at batch 1 in bf16; built once per machine, ~30 s), elsewhere torch.compile for dense "
                             "models (the first answer waits for the compilation)")
     p.add_argument("--threads", type=arg(int, "--threads", minimum=1),
-                   help="CPU threads (default: " + ("every core but one" if server else "torch's choice") + ")")
+                   help="CPU threads (default: torch's choice)" + (
+                       "; with bf16 on a small CPU, try one core fewer than the machine has: the HTTP layer "
+                       "needs one (docs/serve.md)" if server else ""))
 
 
 def add_sampling_args(p, *, max_new_tokens: int) -> None:

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from pathlib import Path
 
 from . import add_command
 from .generate import add_model_args, load_for_generation
-
-
-def serving_threads(cores: int | None = None) -> int:
-    """The model's CPU threads when --threads is not given: every core but one. The HTTP layer
-    (and, on one machine, the clients) need a core of their own: a decode step whose thread team
-    shares every core with them waits at each of its barriers for a thread that was preempted."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores - 1)
 
 
 def build_server(args):
@@ -31,8 +22,6 @@ def build_server(args):
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key is empty: give a key, or leave the option out for no key")
-    if args.threads is None:
-        args.threads = serving_threads()
     ckpt = load_for_generation(args)
     scheduler = Scheduler(ckpt.model, ckpt.tokenizer, args.max_batch, native=not args.no_native)
     name = args.name or Path(args.checkpoint).resolve().name
