@@ -143,6 +143,8 @@ def test_cli_max_time_trains_for_the_budget_and_reports_it(data_dir, tmp_path, m
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "time budget 6.0s bought 12 steps" in out
+    first = next(line for line in out.splitlines() if line.startswith("nanomoe train:"))
+    assert first.endswith(f"a 6.0s budget of training steps -> {run}")  # not the schedule's endless length
     assert json.loads((run / "latest.json").read_text())["step"] == 12
     assert json.loads((run / "run.json").read_text())["train"]["max_minutes"] == 0.1
     # --max-steps on resume replaces the budget

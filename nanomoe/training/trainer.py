@@ -48,7 +48,7 @@ from ..runtime import (
     synchronize,
 )
 from . import checkpoint as ckpt
-from .budget import TimeBudget
+from .budget import TimeBudget, format_duration
 from .config import TrainConfig
 from .logger import MetricsLogger
 from .optimizers import adamw_param_groups, build_optimizer, load_optimizer_state
@@ -535,6 +535,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the loop
 
+    def _length(self) -> str:
+        """The run's length for people: its steps, or its time budget until that buys a step count."""
+        if self.budget is not None and self.budget.decision is None:
+            return f"a {format_duration(self.budget.budget_seconds)} budget of training steps"
+        return f"{self.total_steps} steps"
+
     def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
         """Train to total_steps (or pause at `stop_at_step`, saving a checkpoint as a signal would)."""
         cfg, state = self.cfg, self.state
@@ -544,7 +550,7 @@ class Trainer:
             ckpt.clean_incomplete(self.run_dir)
             print(f"nanomoe train: {self.model_config.n_layer}-layer {'MoE' if self.model_config.is_moe else 'dense'} "
                   f"model on {describe_device(self.device)}, kernels={self.kernels} (asked: {self.model_config.kernels}), "
-                  f"{self.total_steps or 'budgeted'} steps -> {self.run_dir}", flush=True)
+                  f"{self._length()} -> {self.run_dir}", flush=True)
             peak = peak_flops(self.device)  # published for known GPUs, else measured once per machine
             log.info("MFU is against %s", peak.describe())
             self.logger.write_config(self.model_config, cfg, self.data_dir, self.data_meta,
