@@ -163,6 +163,19 @@ def test_gradient_clipping_applies_to_muon(data_dir, tmp_path):
     assert seen["norm"] == pytest.approx(1e-3, rel=1e-3)  # the optimizer saw the clipped gradients
 
 
+def test_muon_experts_false_leaves_the_routed_experts_on_adamw():
+    model = GPT(tiny_model())
+    optimizer = build_optimizer(model, quiet(muon_experts=False))
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
+    on_adamw = {names[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]}
+    experts = {n for n in names.values() if ".experts." in n}
+    assert experts == {"blocks.1.ffn.experts.w_in", "blocks.1.ffn.experts.w_out"}
+    assert experts <= on_adamw and not experts & on_muon
+    assert on_muon == {n for n in names.values() if HIDDEN.fullmatch(n)} - experts  # the rest stays on Muon
+    assert on_muon | on_adamw == set(names.values())
+
+
 def test_muon_needs_hidden_matrices():
     model = GPT(tiny_model())
     for p in hidden_matrices(model):

@@ -68,6 +68,10 @@ class TrainConfig:
     muon_lr: float = 0.0  # 0: the same as lr
     muon_momentum: float = 0.95
     muon_adjust_lr: str = "match_rms_adamw"
+    # False: the routed experts' matrices stay on AdamW (Muon on attention, dense FFNs and shared
+    # experts only). Each expert is orthogonalized on its own, so Muon's Newton-Schulz work on the
+    # experts is n_experts / top_k times the dense twin's FFN work (docs/training.md, "Studies")
+    muon_experts: bool = True
 
     # --- numerics and speed ---
     precision: str = "bf16"  # "bf16" autocast (CPU and GPU), "fp16" autocast + GradScaler (GPU), "fp32"

@@ -43,9 +43,10 @@ def _unique_trainable(params) -> list[nn.Parameter]:
     return out
 
 
-def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+def hidden_matrices(model: nn.Module, experts: bool = True) -> list[nn.Parameter]:
     """The blocks' hidden weight matrices, the ones Muon orthogonalizes: every nn.Linear weight inside
-    `model.blocks` except the router's, and each GroupedExperts' stacked w_in / w_out (E matrices each)."""
+    `model.blocks` except the router's, and (unless experts=False) each GroupedExperts' stacked w_in /
+    w_out (E matrices each)."""
     found = []
     for block in model.blocks:
         routers = [m for m in block.modules() if isinstance(m, Router)]
@@ -53,7 +54,7 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
         for module in block.modules():
             if isinstance(module, nn.Linear) and id(module.weight) not in router_params:
                 found.append(module.weight)
-            elif isinstance(module, GroupedExperts):
+            elif experts and isinstance(module, GroupedExperts):
                 found += [module.w_in, module.w_out]
     return _unique_trainable(found)
 
@@ -129,7 +130,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
                        fused=True)  # one kernel for all parameters: ~10x faster than foreach on CPU too
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(adamw_param_groups(params, cfg.weight_decay), **adamw_hyper)
-    hidden = hidden_matrices(model)
+    hidden = hidden_matrices(model, experts=cfg.muon_experts)
     if not hidden:
         raise ConfigError("optimizer muon needs hidden weight matrices (attention or feed-forward layers) and "
                           "this model has none: use --set optimizer=adamw")
