@@ -9,7 +9,8 @@
 // accumulations are fp32; bf16 weights are read as bf16, and the matrix inputs are rounded to
 // bf16 for them, as under autocast. Built on first use by nanomoe/native.py.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with at::Tensor casters, without torch/extension.h's C++ frontend
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -146,7 +147,7 @@ Tensor pack_pairs(const Tensor& W) {  // P[block][k / 2][row in block][k % 2] = 
   const int64_t N = W.size(0), K = W.size(1), blocks = (N + PACK_ROWS - 1) / PACK_ROWS;
   Tensor padded = W;
   if (blocks * PACK_ROWS != N) {
-    padded = torch::zeros({blocks * PACK_ROWS, K}, W.options());
+    padded = at::zeros({blocks * PACK_ROWS, K}, W.options());
     padded.narrow(0, 0, N).copy_(W);
   }
   return padded.view({blocks, PACK_ROWS, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
@@ -294,7 +295,7 @@ Matrix make_matrix(const Tensor& w, bool pack) {
   m.N = w.size(0);
   m.K = w.size(1);
 #if defined(__AVX512BF16__)
-  if (pack && w.scalar_type() == torch::kBFloat16 && m.K % 2 == 0) m.packed = pack_pairs(w);
+  if (pack && w.scalar_type() == at::kBFloat16 && m.K % 2 == 0) m.packed = pack_pairs(w);
 #endif
   return m;
 }
@@ -420,7 +421,7 @@ void activation(const float* f, float* a, int64_t F, int kind) {
 bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
 
 Tensor fp32_copy(const Tensor& t) {
-  return present(t) ? t.detach().to(torch::kFloat32).contiguous().clone() : Tensor();
+  return present(t) ? t.detach().to(at::kFloat).contiguous().clone() : Tensor();
 }
 
 const float* ptr_or_null(const Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
@@ -480,7 +481,7 @@ class DecodeStep {
     check_shapes(globals, layers);
     tok_emb_ = get(globals, "tok_emb");
     dtype_ = tok_emb_.scalar_type();
-    bf16_ = dtype_ == torch::kBFloat16;
+    bf16_ = dtype_ == at::kBFloat16;
     amx_min_ = AMX_MIN_BATCH;  // the thresholds as they are now: the buffers below are sized for them
     const bool pack = B_ >= PACK_MIN_BATCH;
     pos_emb_ = weights(get(globals, "pos_emb"), false);
@@ -557,8 +558,8 @@ class DecodeStep {
     TORCH_CHECK(tokens.numel() == B_ && pad.numel() == B_, "decode_step: one token and one pad per row");
     TORCH_CHECK(tokens.device().is_cpu() && pad.device().is_cpu(), "decode_step: tokens and pad must be on the CPU");
     TORCH_CHECK(slot >= 0 && slot < S_, "decode_step: slot ", slot, " outside the cache of ", S_);
-    auto tok = tokens.to(torch::kInt64).contiguous();
-    auto pd = pad.to(torch::kInt64).contiguous();
+    auto tok = tokens.to(at::kLong).contiguous();
+    auto pd = pad.to(at::kLong).contiguous();
     const int64_t* tok_p = tok.data_ptr<int64_t>();
     const int64_t* pad_p = pd.data_ptr<int64_t>();
     std::vector<int64_t> pos(B_);
@@ -567,8 +568,8 @@ class DecodeStep {
       pos[b] = slot - pad_p[b];
       TORCH_CHECK(pad_p[b] >= 0 && pos[b] >= 0 && pos[b] < block_, "decode_step: position outside the model");
     }
-    auto logits = torch::empty({B_, V_}, torch::kFloat32);
-    auto experts = torch::empty({n_moe_, B_, K_}, torch::kInt64);
+    auto logits = at::empty({B_, V_}, at::kFloat);
+    auto experts = at::empty({n_moe_, B_, K_}, at::kLong);
     if (bf16_) {
       run<uint16_t>(tok_p, pad_p, pos.data(), slot, logits.data_ptr<float>(), experts.data_ptr<int64_t>(), in_bf16_,
                     q_bf16_);

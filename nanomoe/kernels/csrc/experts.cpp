@@ -11,7 +11,8 @@
 // Products and the relu/gelu activations are ATen's own kernels, so the results are those of the
 // Python path (grouped_ffn.py) up to the SwiGLU's single rounding.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with at::Tensor casters, without torch/extension.h's C++ frontend
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 

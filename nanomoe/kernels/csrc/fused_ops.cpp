@@ -18,7 +18,8 @@
 //   backward in one pass writing [dg | du] (recomputing silu, saving only the input).
 // All read and write fp32 or bf16 (raw bits) and compute in fp32.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with at::Tensor casters, without torch/extension.h's C++ frontend
 #include <ATen/Parallel.h>
 
 #include <cmath>

@@ -1,7 +1,7 @@
 // The native extension's Python module: the decode step (decode_step.cpp), the expert training
 // kernels (experts.cpp) and the fused model ops (fused_ops.cpp), built together by nanomoe/native.py.
 
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 
 __attribute__((visibility("hidden"))) void register_decode_step(pybind11::module& m);
 __attribute__((visibility("hidden"))) void register_experts(pybind11::module& m);

@@ -2,7 +2,7 @@
 // kernels are templates over float and uint16_t (bf16 raw bits, converted by simd.h).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <type_traits>
