@@ -15,11 +15,19 @@ DATA=${DATA:-data/tinystories}
 MINUTES=${MINUTES:-10}
 [ -f "$DATA/meta.json" ] || "$NANOMOE" prepare --source ../shared/data/tinystories --out "$DATA"
 
-study() {  # study NAME RUN... [-- --set ...]
+study() {  # study NAME RUN...  (STUDY_ARGS: more options, e.g. "--rounds 20")
   local name=$1; shift
-  "$NANOMOE" study --data "$DATA" --minutes "$MINUTES" --out "studies/$name-${MINUTES}min-$(date +%H%M)" --runs "$@"
+  "$NANOMOE" study --data "$DATA" --minutes "$MINUTES" --out "studies/$name-${MINUTES}min-$(date +%H%M)" \
+      --set progress=false ${STUDY_ARGS:-} --runs "$@"
 }
 
+# One-factor screening at 5 minutes (what the time of one session allowed: ten runs in about an
+# hour): each side from its best optimizer of the optimizer study, with learning rate, schedule and
+# batch shape for both, the Muon split and a finer expert shape for the MoE.
+screen()     { MINUTES=${SCREEN_MINUTES:-5} study screen tiny-moe tiny-moe:schedule=wsd tiny-moe:lr=6e-3 \
+                 tiny-moe:optimizer=muon,muon_experts=false tiny-moe:n_experts=16,expert_hidden=256,top_k=4 \
+                 tiny-moe:seq_len=128,batch_size=32 tiny-dense:optimizer=muon tiny-dense:optimizer=muon,schedule=wsd \
+                 tiny-dense:optimizer=muon,lr=6e-3 tiny-dense:optimizer=muon,seq_len=128,batch_size=32; }
 baseline()   { study baseline tiny-moe tiny-dense; }
 optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
 lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
@@ -40,9 +48,10 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # After the search: put each side's best settings in WINNER_MOE / WINNER_DENSE (e.g.
 # WINNER_MOE=tiny-moe:optimizer=muon,schedule=wsd) and run the final comparison twice at different
 # times, then once at 30 minutes (MINUTES=30 bash scripts/studies.sh final).
-final()      { study final "${WINNER_MOE:-tiny-moe}" "${WINNER_DENSE:-tiny-dense}"; }
+# Two runs measured over 20 interleaved rounds: a 5-step median moves a two-run ratio by several percent.
+final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe}" "${WINNER_DENSE:-tiny-dense}"; }
 
-ALL=(baseline optimizer lr muon_lr schedule experts shared balancing regularize shape final)
+ALL=(baseline optimizer screen lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 for name in "$@"; do
   "$name"
