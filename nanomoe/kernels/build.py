@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     built = is_built()
     print("nanomoe: native CPU kernels already built; verifying..." if built else
-          "nanomoe: building the native CPU kernels for this machine (once, ~1-2 min)...", flush=True)
+          "nanomoe: building the native CPU kernels for this machine (once, ~30-60 s)...", flush=True)
     start = time.perf_counter()
     if load_extension() is None:
         print(f"nanomoe: the native kernels could not be built ({build_error()}); "
