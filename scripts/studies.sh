@@ -48,9 +48,8 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # After the search: each side's best settings in WINNER_MOE / WINNER_DENSE, the final comparison
 # twice at different times, then once at 30 minutes (MINUTES=30 bash scripts/studies.sh final).
 # Two runs measured over 20 interleaved rounds: a 5-step median moves a two-run ratio by several percent.
-# The winners of the screening (wsd for both, Muon at lr 6e-3 for the dense twin) are the defaults.
-final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe:schedule=wsd}" \
-                 "${WINNER_DENSE:-tiny-dense:optimizer=muon,schedule=wsd,lr=6e-3}"; }
+# The winners (wsd for both, now the default recipe's schedule; Muon for the dense twin).
+final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
 ALL=(baseline optimizer screen lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"

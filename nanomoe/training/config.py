@@ -170,7 +170,7 @@ class TrainConfig:
 # Named training recipes. "default" trains tiny-moe on the built-in corpus for 2 minutes of training
 # steps (the README's first command: clone to printed stories in under 5 minutes with the install).
 # Warmup-stable-decay won the recipe search for the MoE and the dense twin alike (docs/training.md,
-# "Studies"); the dense twin's best adds --set optimizer=muon --set lr=6e-3.
+# "Studies"); the dense twin's best adds --set optimizer=muon.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": dict(max_minutes=2.0, batch_size=16, grad_accum=1, lr=3e-3, schedule="wsd", eval_every=250,
                     save_every=250),
