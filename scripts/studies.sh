@@ -28,6 +28,13 @@ screen()     { MINUTES=${SCREEN_MINUTES:-5} study screen tiny-moe tiny-moe:sched
                  tiny-moe:optimizer=muon,muon_experts=false tiny-moe:n_experts=16,expert_hidden=256,top_k=4 \
                  tiny-moe:seq_len=128,batch_size=32 tiny-dense:optimizer=muon tiny-dense:optimizer=muon,schedule=wsd \
                  tiny-dense:optimizer=muon,lr=6e-3 tiny-dense:optimizer=muon,seq_len=128,batch_size=32; }
+# The second screening (5 minutes): the levers the first left untested, from each side's best recipe
+# (the default recipe, wsd; AdamW for the MoE, Muon for the dense twin): a lower learning rate and a
+# doubled batch for both, a shared expert with top-1 routing (same active FLOPs) and aux-loss-free
+# balancing for the MoE.
+screen2()    { MINUTES=${SCREEN_MINUTES:-5} study screen2 tiny-moe tiny-moe:top_k=1,n_shared_experts=1 \
+                 tiny-moe:aux_loss_coef=0,router_bias_update_rate=1e-3 tiny-moe:lr=2e-3 tiny-moe:batch_size=32 \
+                 tiny-dense:optimizer=muon tiny-dense:optimizer=muon,lr=2e-3 tiny-dense:optimizer=muon,batch_size=32; }
 baseline()   { study baseline tiny-moe tiny-dense; }
 optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
 lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
@@ -51,7 +58,7 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # The winners (wsd for both, now the default recipe's schedule; Muon for the dense twin).
 final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
-ALL=(baseline optimizer screen lr muon_lr schedule experts shared balancing regularize shape final)
+ALL=(baseline optimizer screen screen2 lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 for name in "$@"; do
   "$name"
