@@ -37,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .extension import build_error, is_built, load_extension
 
-    built = is_built()
-    print("nanomoe: native CPU kernels already built; verifying..." if built else
-          "nanomoe: building the native CPU kernels for this machine (once, ~30-60 s)...", flush=True)
+    if is_built():  # otherwise load_extension announces the build itself
+        print("nanomoe: native CPU kernels already built; verifying...", flush=True)
     start = time.perf_counter()
     if load_extension() is None:
         print(f"nanomoe: the native kernels could not be built ({build_error()}); "
