@@ -15,10 +15,12 @@ DATA=${DATA:-data/tinystories}
 MINUTES=${MINUTES:-10}
 [ -f "$DATA/meta.json" ] || "$NANOMOE" prepare --source ../shared/data/tinystories --out "$DATA"
 
+# The search ran from the default recipe of its day, whose lr was 3e-3 (2e-3, the MoE's winner, since):
+# every run gets lr=3e-3 unless it names its own.
 study() {  # study NAME RUN...  (STUDY_ARGS: more options, e.g. "--rounds 20")
   local name=$1; shift
   "$NANOMOE" study --data "$DATA" --minutes "$MINUTES" --out "studies/$name-${MINUTES}min-$(date +%H%M)" \
-      --set progress=false ${STUDY_ARGS:-} --runs "$@"
+      --set progress=false --set lr=3e-3 ${STUDY_ARGS:-} --runs "$@"
 }
 
 # One-factor screening at 5 minutes (what the time of one session allowed: ten runs in about an
@@ -55,8 +57,9 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # After the search: each side's best settings in WINNER_MOE / WINNER_DENSE, the final comparison
 # twice at different times, then once at 30 minutes (MINUTES=30 bash scripts/studies.sh final).
 # Two runs measured over 20 interleaved rounds: a 5-step median moves a two-run ratio by several percent.
-# The winners (wsd for both, now the default recipe's schedule; Muon for the dense twin).
-final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
+# The winners (wsd for both, now the default recipe's schedule; AdamW at 2e-3 for the MoE, Muon at 3e-3
+# for the dense twin).
+final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe:lr=2e-3}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
 ALL=(baseline optimizer screen screen2 lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"

@@ -111,5 +111,12 @@ def test_every_study_in_the_search_script_is_a_valid_set_of_runs(data_dir, tmp_p
     assert final[final.index("--rounds") + 1] == "20"
     for call in calls:
         specs = call[call.index("--runs") + 1:]
-        runs = build_runs(specs, ["block_size=32"], "default", str(data_dir))  # every field name and value is valid
+        common = [call[i + 1] for i, word in enumerate(call) if word == "--set"]
+        assert "lr=3e-3" in common  # the search's base lr, whatever the default recipe's is now
+        runs = build_runs(specs, [*common, "block_size=32"], "default", str(data_dir))  # every field is valid
         assert len(runs) == len(specs) >= 2
+    # the final's winners: the MoE's own lr wins over the search's base lr, the dense twin keeps 3e-3
+    moe, dense = build_runs(final[final.index("--runs") + 1:], ["lr=3e-3", "block_size=32"], "default",
+                            str(data_dir))
+    assert (moe.train_config.lr, moe.train_config.optimizer) == (2e-3, "adamw")
+    assert (dense.train_config.lr, dense.train_config.optimizer) == (3e-3, "muon")
