@@ -116,7 +116,8 @@ def test_every_study_in_the_search_script_is_a_valid_set_of_runs(data_dir, tmp_p
         runs = build_runs(specs, [*common, "block_size=32"], "default", str(data_dir))  # every field is valid
         assert len(runs) == len(specs) >= 2
     # the final's winners: the MoE's own lr wins over the search's base lr, the dense twin keeps 3e-3
-    moe, dense = build_runs(final[final.index("--runs") + 1:], ["lr=3e-3", "block_size=32"], "default",
+    final_common = [final[i + 1] for i, word in enumerate(final) if word == "--set"]
+    moe, dense = build_runs(final[final.index("--runs") + 1:], [*final_common, "block_size=32"], "default",
                             str(data_dir))
     assert (moe.train_config.lr, moe.train_config.optimizer) == (2e-3, "adamw")
     assert (dense.train_config.lr, dense.train_config.optimizer) == (3e-3, "muon")
