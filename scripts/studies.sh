@@ -37,6 +37,11 @@ screen()     { MINUTES=${SCREEN_MINUTES:-5} study screen tiny-moe tiny-moe:sched
 screen2()    { MINUTES=${SCREEN_MINUTES:-5} study screen2 tiny-moe tiny-moe:top_k=1,n_shared_experts=1 \
                  tiny-moe:aux_loss_coef=0,router_bias_update_rate=1e-3 tiny-moe:lr=2e-3 tiny-moe:batch_size=32 \
                  tiny-dense:optimizer=muon tiny-dense:optimizer=muon,lr=2e-3 tiny-dense:optimizer=muon,batch_size=32; }
+# The third screening (5 minutes): Muon with fewer Newton-Schulz iterations, for both sides. The MoE's
+# Newton-Schulz work is 4x the dense twin's (8 experts, top-2), which made Muon lose for it per second.
+screen3()    { MINUTES=${SCREEN_MINUTES:-5} study screen3 tiny-moe:lr=2e-3 tiny-moe:optimizer=muon,muon_ns_steps=3 \
+                 tiny-moe:optimizer=muon,muon_ns_steps=2 tiny-dense:optimizer=muon \
+                 tiny-dense:optimizer=muon,muon_ns_steps=3 tiny-dense:optimizer=muon,muon_ns_steps=2; }
 baseline()   { study baseline tiny-moe tiny-dense; }
 optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
 lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
@@ -61,7 +66,7 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # for the dense twin).
 final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe:lr=2e-3}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
-ALL=(baseline optimizer screen screen2 lr muon_lr schedule experts shared balancing regularize shape final)
+ALL=(baseline optimizer screen screen2 screen3 lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 for name in "$@"; do
   "$name"

@@ -55,10 +55,10 @@ def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return X.T if tall else X
 
 
-def muon_update(G: torch.Tensor, momentum: float) -> torch.Tensor:
+def muon_update(G: torch.Tensor, momentum: float, ns_steps: int = 5) -> torch.Tensor:
     """The first step's orthogonalized Nesterov update of one matrix (momentum buffer starts at 0)."""
     buf = (1 - momentum) * G
-    return newton_schulz(G + momentum * (buf - G))
+    return newton_schulz(G + momentum * (buf - G), ns_steps)
 
 
 def test_hidden_matrices_are_the_blocks_projections_and_experts():
@@ -88,9 +88,11 @@ def test_each_slice_of_a_stacked_expert_weight_is_one_experts_matrix():
     assert torch.equal(after[2], torch.zeros_like(after[2])) and not torch.equal(before[2], after[2])
 
 
-def test_one_muon_step_matches_the_reference(data_dir, tmp_path):
+@pytest.mark.parametrize("ns_steps", [5, 2])  # 2: muon_ns_steps reaches every matrix, experts included
+def test_one_muon_step_matches_the_reference(data_dir, tmp_path, ns_steps):
     lr, wd, momentum = 1e-2, 0.1, 0.95
-    cfg = quiet(schedule="constant", lr=lr, weight_decay=wd, grad_clip=0.0, muon_momentum=momentum)
+    cfg = quiet(schedule="constant", lr=lr, weight_decay=wd, grad_clip=0.0, muon_momentum=momentum,
+                muon_ns_steps=ns_steps)
     # the gradients of the first step, from an identical trainer whose optimizer only records them
     probe = Trainer(tiny_model(), cfg, tmp_path / "probe", data_dir)
     grads = {}
@@ -112,15 +114,15 @@ def test_one_muon_step_matches_the_reference(data_dir, tmp_path):
             n_muon += 1
             # Moonlight's scale: 0.2 * sqrt(max(rows, cols)) of each expert's own (rows, cols)
             mats = [(p0[e], g[e]) for e in range(p0.shape[0])] if p0.dim() == 3 else [(p0, g)]
-            expected = torch.stack([m * (1 - lr * wd) - lr * 0.2 * max(m.shape) ** 0.5 * muon_update(gm, momentum)
-                                    for m, gm in mats]).reshape(p0.shape)
+            expected = torch.stack([m * (1 - lr * wd) - lr * 0.2 * max(m.shape) ** 0.5
+                                    * muon_update(gm, momentum, ns_steps) for m, gm in mats]).reshape(p0.shape)
             # bf16 rounds at slightly different points in torch's fused products: ~1% per element
             step = (after[name].detach() - decayed).abs().max()
             torch.testing.assert_close(after[name].detach(), expected, rtol=0, atol=0.05 * step.item(), msg=name)
             error = (after[name].detach() - expected).norm() / (expected - decayed).norm()
             assert error < 0.02, (name, error)  # torch's Newton-Schulz runs in bf16: ~1% (1.1% seen)
             if p0.dim() == 3:  # the whole stack orthogonalized as one matrix is a different update
-                flat = muon_update(g.reshape(-1, g.shape[-1]), momentum).reshape(g.shape)
+                flat = muon_update(g.reshape(-1, g.shape[-1]), momentum, ns_steps).reshape(g.shape)
                 wrong = decayed - lr * 0.2 * max(p0.shape[1:]) ** 0.5 * flat
                 assert (after[name].detach() - wrong).abs().max() > 0.3 * step
         else:  # AdamW's first step: m / sqrt(v) = g / |g| (bias-corrected)
@@ -184,11 +186,14 @@ def test_muon_needs_hidden_matrices():
         build_optimizer(model, quiet())
 
 
-def test_muon_refuses_fsdp_and_fp16_clearly():
+def test_muon_refuses_fsdp_fp16_and_bad_ns_steps_clearly():
     with pytest.raises(ConfigError, match="FSDP.*--strategy ddp"):
         quiet(strategy="fsdp")
     with pytest.raises(ConfigError, match="precision=bf16"):
         quiet(precision="fp16")
+    for bad in (0, 100):
+        with pytest.raises(ConfigError, match=r"muon_ns_steps must be in 1\.\.99"):
+            quiet(muon_ns_steps=bad)
 
 
 def test_resuming_with_the_other_optimizer_is_refused(data_dir, tmp_path):

@@ -68,6 +68,10 @@ class TrainConfig:
     muon_lr: float = 0.0  # 0: the same as lr
     muon_momentum: float = 0.95
     muon_adjust_lr: str = "match_rms_adamw"
+    # Newton-Schulz iterations per matrix and step. Their cost grows with the number of matrices, not
+    # tokens: an MoE with 8 experts does 4x its dense twin's (docs/training.md, "Muon"); fewer
+    # iterations orthogonalize less exactly but cost proportionally less
+    muon_ns_steps: int = 5
     # False: the routed experts' matrices stay on AdamW (Muon on attention, dense FFNs and shared
     # experts only). Each expert is orthogonalized on its own, so Muon's Newton-Schulz work on the
     # experts is n_experts / top_k times the dense twin's FFN work (docs/training.md, "Studies")
@@ -132,6 +136,8 @@ class TrainConfig:
             fail(f"muon_adjust_lr must be one of {MUON_LR_ADJUSTMENTS}, got {self.muon_adjust_lr!r}")
         if self.muon_lr < 0 or not 0 <= self.muon_momentum < 1:
             fail("muon_lr must be >= 0 (0: the same as lr) and muon_momentum in [0, 1)")
+        if not 1 <= self.muon_ns_steps <= 99:
+            fail(f"muon_ns_steps must be in 1..99 (5 is the usual choice), got {self.muon_ns_steps}")
         if self.optimizer == "muon" and self.strategy == "fsdp":
             fail("optimizer muon does not run under FSDP (it orthogonalizes whole matrices, which FSDP shards "
                  "across processes): use --strategy ddp, or --set optimizer=adamw")

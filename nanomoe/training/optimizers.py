@@ -137,7 +137,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
     hidden_ids = {id(p) for p in hidden}
     muon = Muon([p for p in hidden if p.dim() == 2], [p for p in hidden if p.dim() == 3],
                 lr=cfg.muon_lr or cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
+                nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr, ns_steps=cfg.muon_ns_steps)
     for group in muon.param_groups:
         group["lr_ratio"] = (cfg.muon_lr or cfg.lr) / cfg.lr
     rest = [p for p in params if id(p) not in hidden_ids]
