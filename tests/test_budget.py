@@ -113,12 +113,28 @@ def test_the_schedule_before_the_decision_is_an_endless_runs():
     assert lr_and_beta1(cfg, 3, ENDLESS)[0] < 1e-12
 
 
+def test_the_schedule_warmup_included_spans_the_steps_the_budget_bought(data_dir, tmp_path, monkeypatch):
+    # 0.4 minute at 0.5 s/step: 7 steps measured (3.5 s), floor(20.5 / 0.5) = 41 bought -> 48 steps. The lr
+    # of steps 7..47 is a 41-step run's schedule from its first warmup step, not step 7 of a 48-step run
+    # (its warmup of 2 steps long over: the lr would jump from ~0 to the peak at the decision)
+    fake_clock(monkeypatch, 0.5)
+    cfg = quiet(max_minutes=0.4, schedule="wsd")
+    trainer = Trainer(model(), cfg, tmp_path / "run", data_dir)
+    lrs, set_lr = [], trainer._set_lr
+    monkeypatch.setattr(trainer, "_set_lr", lambda: lrs.append(set_lr()) or lrs[-1])
+    assert trainer.fit()["step"] == 48
+    assert all(lr < 1e-12 for lr in lrs[:7])
+    assert lrs[7:] == [lr_and_beta1(cfg, step, 41)[0] for step in range(41)]
+    assert lrs[7] == pytest.approx(cfg.lr / 2) and lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+
+
 def test_resume_with_a_new_budget_extends_the_run_at_the_saved_speed(data_dir, tmp_path, monkeypatch):
     fake_clock(monkeypatch, 0.5)
     cfg = quiet(max_minutes=0.1)
     Trainer(model(), cfg, tmp_path / "run", data_dir).fit()
     longer = Trainer(model(), cfg.replace(max_minutes=0.2), tmp_path / "run", data_dir, resume_from=tmp_path / "run")
     assert longer.total_steps == 12 + 12  # 6 more seconds at 0.5 s/step
+    assert longer.budget.schedule_position(12) == (12 - 7, 24 - 7)  # the schedule still starts at the decision
 
 
 def test_a_budget_added_on_resume_decides_from_the_runs_average_speed(data_dir, tmp_path, monkeypatch):

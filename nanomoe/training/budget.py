@@ -1,13 +1,15 @@
 """Training for a time budget: how many steps `--max-time 10m` buys, decided once and saved.
 
 The schedule needs the run's length in steps from the start, the budget gives it in seconds. So the
-run begins as if it were endless (the lr schedule of an unbounded run: the first steps sit at the
-bottom of the warmup ramp), times its steps, and after WARMUP_STEPS (first-step allocations, thread
-pools) and MEASURE_STEPS more it fixes
+run begins as if it were endless (the lr schedule of an unbounded run: lr ~0, so the first steps
+only time the step and fill the optimizer's moment estimates), and after WARMUP_STEPS (first-step
+allocations, thread pools) and MEASURE_STEPS more it fixes
 
     total_steps = steps so far + floor((budget - training seconds so far) / seconds per step)
 
-with seconds per step the mean of the measured steps. The decision is saved in every checkpoint
+with seconds per step the mean of the measured steps. The lr schedule, warmup included, then spans
+the steps the budget bought (`schedule_start` on): starting it at step 0 instead would put the run
+at the end of its warmup ramp the moment it is decided, a jump from lr ~0 to nearly the peak. The decision is saved in every checkpoint
 (`trainer_state.json` -> "budget"), so a resumed run keeps it and continues bit for bit. The budget
 counts the training steps' time, as `elapsed_seconds` does, not evaluation or checkpoint writes.
 Under data parallelism every rank decides from the mean over ranks, so all stop at the same step.
@@ -57,6 +59,8 @@ class BudgetDecision:
     timed_steps: int
     decided_at_step: int
     total_steps: int
+    # the step the lr schedule (warmup included) starts at; 0 in decisions saved before it existed
+    schedule_start: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +84,12 @@ class TimeBudget:
     def total_steps(self) -> int:
         return self.decision.total_steps if self.decision is not None else ENDLESS
 
+    def schedule_position(self, step: int) -> tuple[int, int]:
+        """(step within the lr schedule, the schedule's length) at optimizer step `step`: an endless
+        run's before the decision, the bought steps' after it."""
+        start = self.decision.schedule_start if self.decision is not None else 0
+        return step - start, self.total_steps - start
+
     def observe(self, step: int, step_seconds: float, elapsed_seconds: float) -> int:
         """After each optimizer step (`step` steps done, `elapsed_seconds` of training so far):
         returns the run's length, ENDLESS until decided."""
@@ -98,7 +108,8 @@ class TimeBudget:
         if len(self._times) >= MEASURE_STEPS or elapsed >= self.budget_seconds:
             per_step = sum(self._times) / len(self._times) if self._times else elapsed / step
             bought = max(0, math.floor((self.budget_seconds - elapsed) / per_step))
-            self.decision = BudgetDecision(self.budget_seconds, per_step, len(self._times), step, step + bought)
+            self.decision = BudgetDecision(self.budget_seconds, per_step, len(self._times), step, step + bought,
+                                           schedule_start=step)
         return self.total_steps
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -108,7 +119,8 @@ class TimeBudget:
         """Restore a saved decision (at `step` with `elapsed_seconds` of training). A budget changed
         on resume (`--set max_minutes=...`) is applied at the saved speed, so the run is not measured
         again mid-way. A run resumed without a decision (a budget added to a step-count run) decides at
-        once from its average speed so far, so its schedule never restarts as an endless run's."""
+        once from its average speed so far, so its schedule never restarts as an endless run's (and,
+        as before, runs from step 0). An extended budget keeps the saved schedule_start."""
         if not state:
             if step > 0 and elapsed_seconds > 0:
                 state = dict(budget_seconds=-1.0, seconds_per_step=elapsed_seconds / step, timed_steps=step,
@@ -118,7 +130,8 @@ class TimeBudget:
         saved = BudgetDecision(**state)
         if saved.budget_seconds != self.budget_seconds:
             bought = max(0, math.floor((self.budget_seconds - elapsed_seconds) / saved.seconds_per_step))
-            saved = BudgetDecision(self.budget_seconds, saved.seconds_per_step, saved.timed_steps, step, step + bought)
+            saved = BudgetDecision(self.budget_seconds, saved.seconds_per_step, saved.timed_steps, step, step + bought,
+                                   schedule_start=saved.schedule_start)
         self.decision = saved
 
     def summary(self, steps: int, tokens: int, elapsed_seconds: float) -> str:

@@ -434,7 +434,9 @@ class Trainer:
     # one optimizer step
 
     def _set_lr(self) -> float:
-        lr, beta1 = lr_and_beta1(self.cfg, self.state.step, self.total_steps)
+        step, total = (self.state.step, self.total_steps) if self.budget is None else \
+            self.budget.schedule_position(self.state.step)  # a budget's schedule starts when it is decided
+        lr, beta1 = lr_and_beta1(self.cfg, step, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's groups may have their own peak lr
             if "betas" in group:
