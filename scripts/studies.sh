@@ -42,6 +42,12 @@ screen2()    { MINUTES=${SCREEN_MINUTES:-5} study screen2 tiny-moe tiny-moe:top_
 screen3()    { MINUTES=${SCREEN_MINUTES:-5} study screen3 tiny-moe:lr=2e-3 tiny-moe:optimizer=muon,muon_ns_steps=3 \
                  tiny-moe:optimizer=muon,muon_ns_steps=2 tiny-dense:optimizer=muon \
                  tiny-dense:optimizer=muon,muon_ns_steps=3 tiny-dense:optimizer=muon,muon_ns_steps=2; }
+# The fourth screening (5 minutes), for both sides: model size, the lever the search had not moved (a
+# 10-minute run sees ~3.5M tokens, few for a 7M-parameter model: fewer layers take more steps), and
+# a longer decay (in the finals the two sides ran level until the decay, where the dense twin gained more).
+screen4()    { MINUTES=${SCREEN_MINUTES:-5} study screen4 tiny-moe:lr=2e-3 tiny-moe:lr=2e-3,n_layer=4 \
+                 tiny-moe:lr=2e-3,decay_frac=0.4 tiny-dense:optimizer=muon tiny-dense:optimizer=muon,n_layer=4 \
+                 tiny-dense:optimizer=muon,decay_frac=0.4; }
 baseline()   { study baseline tiny-moe tiny-dense; }
 optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
 lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
@@ -66,7 +72,7 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # for the dense twin).
 final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe:lr=2e-3}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
-ALL=(baseline optimizer screen screen2 screen3 lr muon_lr schedule experts shared balancing regularize shape final)
+ALL=(baseline optimizer screen screen2 screen3 screen4 lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 for name in "$@"; do
   "$name"
