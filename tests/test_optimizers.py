@@ -150,6 +150,14 @@ def test_resume_with_muon_is_bitwise_exact(data_dir, tmp_path):
     assert muon_lr == pytest.approx(adamw_lr * 0.02 / cfg.lr)
 
 
+def test_resume_takes_this_runs_muon_settings_not_the_saved_ones(data_dir, tmp_path):
+    Trainer(tiny_model(), quiet(max_steps=2), tmp_path / "run", data_dir).fit()
+    resumed = Trainer(tiny_model(), quiet(max_steps=3, muon_ns_steps=2, muon_lr=0.02), tmp_path / "run", data_dir,
+                      resume_from=tmp_path / "run")
+    assert resumed.state.step == 2
+    assert {(g["ns_steps"], g["lr_ratio"]) for g in resumed.optimizer.muon.param_groups} == {(2, 0.02 / resumed.cfg.lr)}
+
+
 def test_gradient_clipping_applies_to_muon(data_dir, tmp_path):
     trainer = Trainer(tiny_model(), quiet(grad_clip=1e-3), tmp_path / "run", data_dir)
     seen = {}

@@ -116,11 +116,12 @@ class MuonWithAdamW:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ratios = [group["lr_ratio"] for group in self.muon.param_groups]  # this run's muon_lr, not the saved one
+        # this run's muon_lr and muon_ns_steps, not the saved ones (torch restores a group's settings)
+        settings = [{key: group[key] for key in ("lr_ratio", "ns_steps")} for group in self.muon.param_groups]
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
-        for group, ratio in zip(self.muon.param_groups, ratios):
-            group["lr_ratio"] = ratio
+        for group, mine in zip(self.muon.param_groups, settings):
+            group.update(mine)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig):
