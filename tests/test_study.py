@@ -103,6 +103,10 @@ def test_every_study_in_the_search_script_is_a_valid_set_of_runs(data_dir, tmp_p
     subprocess.run(["bash", str(script)], check=True, env={"PATH": "/usr/bin:/bin", "NANOMOE": str(stub),
                                                           "DATA": str(data_dir)})
     calls = [line.split() for line in log.read_text().splitlines()]
+
+    def sets(call):  # the --set values common to a study's runs
+        return [call[i + 1] for i, word in enumerate(call) if word == "--set"]
+
     assert len(calls) == 15 and all(c[0] == "study" for c in calls)
     minutes = {call[call.index("--out") + 1].split("/")[-1].rsplit("-", 1)[0]: call[call.index("--minutes") + 1]
                for call in calls}
@@ -112,13 +116,12 @@ def test_every_study_in_the_search_script_is_a_valid_set_of_runs(data_dir, tmp_p
     assert final[final.index("--rounds") + 1] == "20"
     for call in calls:
         specs = call[call.index("--runs") + 1:]
-        common = [call[i + 1] for i, word in enumerate(call) if word == "--set"]
+        common = sets(call)
         assert "lr=3e-3" in common  # the search's base lr, whatever the default recipe's is now
         runs = build_runs(specs, [*common, "block_size=32"], "default", str(data_dir))  # every field is valid
         assert len(runs) == len(specs) >= 2
     # the final's winners: the MoE's own lr wins over the search's base lr, the dense twin keeps 3e-3
-    final_common = [final[i + 1] for i, word in enumerate(final) if word == "--set"]
-    moe, dense = build_runs(final[final.index("--runs") + 1:], [*final_common, "block_size=32"], "default",
+    moe, dense = build_runs(final[final.index("--runs") + 1:], [*sets(final), "block_size=32"], "default",
                             str(data_dir))
     assert (moe.train_config.lr, moe.train_config.optimizer) == (2e-3, "adamw")
     assert (dense.train_config.lr, dense.train_config.optimizer) == (3e-3, "muon")

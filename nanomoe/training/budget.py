@@ -10,9 +10,9 @@ allocations, thread pools) and MEASURE_STEPS more it fixes
 with seconds per step the mean of the measured steps. The lr schedule, warmup included, then spans
 the steps the budget bought (`schedule_start` on): starting it at step 0 instead would put the run
 at the end of its warmup ramp the moment it is decided, a jump from lr ~0 to nearly the peak.
-The decision is saved in every checkpoint
-(`trainer_state.json` -> "budget"), so a resumed run keeps it and continues bit for bit. The budget
-counts the training steps' time, as `elapsed_seconds` does, not evaluation or checkpoint writes.
+The decision is saved in every checkpoint (`trainer_state.json` -> "budget"), so a resumed run
+keeps it and continues bit for bit. The budget counts the training steps' time, as
+`elapsed_seconds` does, not evaluation or checkpoint writes.
 Under data parallelism every rank decides from the mean over ranks, so all stop at the same step.
 """
 
