@@ -48,6 +48,12 @@ screen3()    { MINUTES=${SCREEN_MINUTES:-5} study screen3 tiny-moe:lr=2e-3 tiny-
 screen4()    { MINUTES=${SCREEN_MINUTES:-5} study screen4 tiny-moe:lr=2e-3 tiny-moe:lr=2e-3,n_layer=4 \
                  tiny-moe:lr=2e-3,decay_frac=0.4 tiny-dense:optimizer=muon tiny-dense:optimizer=muon,n_layer=4 \
                  tiny-dense:optimizer=muon,decay_frac=0.4; }
+# The size study (10 minutes, the budget): smaller models, paired so each MoE candidate has its
+# dense twin: 4 and 3 layers for both, and at 4 layers the MoE with top-1 Switch routing over the same
+# 8 experts (half the active FFN, the same total) against a dense twin with that halved FFN.
+size()       { study size tiny-moe:lr=2e-3,n_layer=4 tiny-moe:lr=2e-3,n_layer=3 \
+                 tiny-moe:lr=2e-3,n_layer=4,top_k=1,router=switch tiny-dense:optimizer=muon,n_layer=4 \
+                 tiny-dense:optimizer=muon,n_layer=3 tiny-dense:optimizer=muon,n_layer=4,ffn_hidden=512; }
 baseline()   { study baseline tiny-moe tiny-dense; }
 optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
 lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
@@ -72,7 +78,7 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # for the dense twin).
 final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe:lr=2e-3}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
-ALL=(baseline optimizer screen screen2 screen3 screen4 lr muon_lr schedule experts shared balancing regularize shape final)
+ALL=(baseline optimizer screen screen2 screen3 screen4 size lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 for name in "$@"; do
   "$name"
