@@ -54,6 +54,12 @@ screen4()    { MINUTES=${SCREEN_MINUTES:-5} study screen4 tiny-moe:lr=2e-3 tiny-
 size()       { study size tiny-moe:lr=2e-3,n_layer=4 tiny-moe:lr=2e-3,n_layer=3 \
                  tiny-moe:lr=2e-3,n_layer=4,top_k=1,router=switch tiny-dense:optimizer=muon,n_layer=4 \
                  tiny-dense:optimizer=muon,n_layer=3 tiny-dense:optimizer=muon,n_layer=4,ffn_hidden=512; }
+# The second size study (10 minutes): the size study's winners were the smallest step on each side (3
+# layers for the MoE, a 512-wide FFN at 4 layers for the dense twin), so both sides halve the FFN
+# (the MoE's 8 experts 256 wide, top-2: the same active FFN as the dense 512) at 4 and 3 layers.
+size2()      { STUDY_ARGS="--rounds 10" study size2 tiny-moe:lr=2e-3,n_layer=4,expert_hidden=256 \
+                 tiny-moe:lr=2e-3,n_layer=3,expert_hidden=256 tiny-dense:optimizer=muon,n_layer=4,ffn_hidden=512 \
+                 tiny-dense:optimizer=muon,n_layer=3,ffn_hidden=512; }
 baseline()   { study baseline tiny-moe tiny-dense; }
 optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
 lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
@@ -78,7 +84,7 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # for the dense twin).
 final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe:lr=2e-3}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
-ALL=(baseline optimizer screen screen2 screen3 screen4 size lr muon_lr schedule experts shared balancing regularize shape final)
+ALL=(baseline optimizer screen screen2 screen3 screen4 size size2 lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 for name in "$@"; do
   "$name"
