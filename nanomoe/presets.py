@@ -15,6 +15,11 @@ MODERN = dict(position="rope", norm="rmsnorm", ffn="swiglu", bias=False)
 # The original NanoGPT-MoE TinyStories project's recipe (nanoGPT): learned positions, LayerNorm, 4x ReLU MLP, biases.
 CLASSIC = dict(position="learned", norm="layernorm", ffn="relu", bias=True)
 
+# tiny-moe and its dense twin, the shapes the budget presets below shrink.
+TINY_MOE = dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, n_experts=8, top_k=2,
+                expert_hidden=512, router="topk", aux_loss_coef=0.01, z_loss_coef=0.001, **MODERN)
+TINY_DENSE = dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, ffn_hidden=1024, **MODERN)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -53,13 +58,22 @@ PRESETS: dict[str, Preset] = {
              top_k=2, expert_hidden=683, router="topk", aux_loss_coef=0.01, **MODERN),
     ),
     "tiny-moe": Preset(
-        "default TinyStories MoE for a laptop CPU: 6 layers, 8 experts of which 2 active",
-        dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, n_experts=8, top_k=2,
-             expert_hidden=512, router="topk", aux_loss_coef=0.01, z_loss_coef=0.001, **MODERN),
+        "TinyStories MoE for a laptop CPU: 6 layers, 8 experts of which 2 active (the benchmarks' model)",
+        TINY_MOE,
     ),
     "tiny-dense": Preset(
         "dense twin of tiny-moe: same active parameters per token (hidden = top_k * expert_hidden)",
-        dict(vocab_size=2048, block_size=256, n_layer=6, n_head=4, n_embd=256, ffn_hidden=1024, **MODERN),
+        TINY_DENSE,
+    ),
+    # The winners of the size studies (docs/training.md, "Studies"): on a 2-core CPU, 10 minutes of
+    # training buy ~1.5-2k steps, and a smaller step learns more in that time than a deeper model.
+    "budget-moe": Preset(
+        "the default: the MoE that trains best in minutes on a CPU (tiny-moe, 3 layers, experts 256 wide)",
+        dict(TINY_MOE, n_layer=3, expert_hidden=256),
+    ),
+    "budget-dense": Preset(
+        "budget-moe's dense twin (same active parameters: hidden = top_k * expert_hidden)",
+        dict(TINY_DENSE, n_layer=3, ffn_hidden=512),
     ),
     "tiny-moe-switch": Preset(
         "tiny-moe with Switch top-1 routing and 8 experts twice as wide (same active FLOPs)",

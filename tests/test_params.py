@@ -159,3 +159,13 @@ def test_memory_estimate_matches_what_autograd_saves(name):
     row = memory_estimate(cfg, batch_size=1, seq_len=T)["bf16"]
     assert row["activations"] / T == pytest.approx(per_token, rel=0.25)
     assert row["weight_casts"] == pytest.approx(fixed, rel=0.25)
+
+
+def test_budget_presets_are_the_size_studies_winners_and_twins():
+    # what scripts/studies.sh size2 measured: tiny-moe and tiny-dense at 3 layers, the FFN halved
+    moe, dense = get_preset("budget-moe"), get_preset("budget-dense")
+    assert moe == get_preset("tiny-moe", n_layer=3, expert_hidden=256)
+    assert dense == get_preset("tiny-dense", n_layer=3, ffn_hidden=512)
+    # twins: the same active parameters per token, but for the MoE's router
+    router = moe.n_layer * moe.n_embd * moe.n_experts
+    assert count_parameters(moe).active == count_parameters(dense).active + router

@@ -614,3 +614,15 @@ def test_compile_applies_per_block_and_trains_like_eager(data_dir, tmp_path, mon
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for name, value in params_of(eager).items():
         torch.testing.assert_close(params_of(fast)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cli_trains_the_budget_moe_preset_when_none_is_given(data_dir, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(out), "--max-steps", "1", "--set", "block_size=32",
+                 "--set", "batch_size=2", "--set", "eval_batches=1", "--set", "precision=fp32"]) == 0
+    model = json.loads((out / "run.json").read_text())["model"]
+    expected = get_preset("budget-moe").to_dict()
+    for key in ("n_layer", "n_embd", "n_experts", "top_k", "expert_hidden", "router"):
+        assert model[key] == expected[key], key

@@ -84,11 +84,11 @@ def check_device(train_cfg) -> str:
 
 
 def cmd_train(args) -> int:
-    """Train a model. With no arguments: tiny-moe on the built-in story corpus for 2 minutes of training
+    """Train a model. With no arguments: budget-moe on the built-in story corpus for 2 minutes of training
     steps (the default recipe's time budget), then print sample stories.
 
     Examples:
-      nanomoe train                                        # tiny-moe, built-in corpus, 2 minutes
+      nanomoe train                                        # budget-moe, built-in corpus, 2 minutes
       nanomoe train --preset tiny-dense --max-steps 2000
       nanomoe train --max-time 10m --set optimizer=muon    # as many steps as 10 minutes buy
       nanomoe train --preset nanogpt-moe --recipe nanogpt-moe --data tinystories
@@ -149,7 +149,7 @@ def cmd_train(args) -> int:
             ckpt.read_json(ckpt_dir / "trainer_state.json")["data_dir"])
         resume_from = ckpt_dir
     else:
-        preset = args.preset or (None if args.config else "tiny-moe")
+        preset = args.preset or (None if args.config else "budget-moe")
         model_cfg = resolve_model_config(preset, args.config, model_overrides)
         train_cfg = resolve_train_config(args.recipe or ("default" if not args.config else None), args.config,
                                          args.set, **explicit)
@@ -214,7 +214,7 @@ def cmd_train(args) -> int:
 
 def register(subparsers) -> None:
     p = add_command(subparsers, "train", cmd_train)
-    p.add_argument("--preset", help="model preset (default tiny-moe; see `nanomoe params --list`)")
+    p.add_argument("--preset", help="model preset (default budget-moe; see `nanomoe params --list`)")
     p.add_argument("--recipe", help="training recipe: default, nanogpt-moe (the original NanoGPT-MoE "
                    "TinyStories project's), debug")
     p.add_argument("--config", help="TOML/YAML/JSON file with preset/recipe keys and [model] / [train] sections")
