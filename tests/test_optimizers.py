@@ -13,7 +13,7 @@ from nanomoe.model import GPT
 from nanomoe.moe import GroupedExperts
 from nanomoe.presets import get_preset
 from nanomoe.training.config import TrainConfig
-from nanomoe.training.optimizers import MuonWithAdamW, build_optimizer, hidden_matrices
+from nanomoe.training.optimizers import Muon, MuonWithAdamW, build_optimizer, hidden_matrices
 from nanomoe.training.trainer import Trainer
 
 # the matrices Muon must take, by name: attention, the dense FFN, the shared expert, the routed experts
@@ -86,6 +86,32 @@ def test_each_slice_of_a_stacked_expert_weight_is_one_experts_matrix():
     for e in (0, 1, 3):
         assert torch.equal(before[e], after[e])
     assert torch.equal(after[2], torch.zeros_like(after[2])) and not torch.equal(before[2], after[2])
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", "original"])
+@pytest.mark.parametrize("shape", [(4, 24, 40), (3, 40, 24)])  # wide and tall expert matrices
+def test_stacked_experts_take_torchs_muon_update_of_each_expert(shape, adjust_lr_fn):
+    # the experts batched through one Newton-Schulz must equal torch.optim.Muon stepping each expert's
+    # matrix as its own 2-D parameter, momentum and weight decay included, over several steps
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(shape))
+    start = stacked.detach().clone()
+    apart = [torch.nn.Parameter(m.detach().clone()) for m in stacked.unbind(0)]
+    hyper = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True, adjust_lr_fn=adjust_lr_fn, ns_steps=5)
+    ours, reference = Muon([], [stacked], **hyper), torch.optim.Muon(apart, **hyper)
+    for _ in range(3):
+        grad = torch.randn(shape)
+        stacked.grad = grad.clone()
+        for p, g in zip(apart, grad.unbind(0)):
+            p.grad = g.clone()
+        ours.step()
+        reference.step()
+    expected = torch.stack([p.detach() for p in apart])
+    moved = (expected - start).abs().max().item()
+    error = (stacked.detach() - expected).abs().max().item()
+    assert error <= 1e-3 * moved, (error, moved)  # bf16 products batched or not: rounding at most
+    torch.testing.assert_close(ours.state[stacked]["momentum_buffer"],
+                               torch.stack([reference.state[p]["momentum_buffer"] for p in apart]))
 
 
 @pytest.mark.parametrize("ns_steps", [5, 2])  # 2: muon_ns_steps reaches every matrix, experts included

@@ -8,13 +8,16 @@ stack as one matrix would couple experts that never see the same tokens). Embedd
 head, norms, biases and the router stay on AdamW, as in the papers.
 
 torch.optim.Muon takes 2-D parameters only; `Muon` below also takes the stacked expert tensors and
-hands torch's update one 2-D view per expert (of the parameter, its gradient and its momentum),
-so the state stays one tensor per parameter and checkpoints resume exactly.
+gives them torch's update with the experts as a batch dimension: the same per-matrix math (one
+Newton-Schulz per expert) in one batched product per iteration instead of a Python loop over every
+expert's matrices, and the state stays one tensor per parameter, so checkpoints resume exactly.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import math
 
 import torch
 import torch.nn as nn
@@ -59,12 +62,36 @@ def hidden_matrices(model: nn.Module, experts: bool = True) -> list[nn.Parameter
     return _unique_trainable(found)
 
 
+def batched_newton_schulz(G: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                          eps: float) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz iteration (bf16, the wide orientation, each matrix
+    scaled by its own Frobenius norm) over a batch of matrices (B, rows, cols): each orthogonalized on
+    its own."""
+    a, b, c = coefficients
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = X @ X.mT
+        X = torch.baddbmm(X, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
+    return X.mT if tall else X
+
+
+def muon_lr_scale(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """torch.optim.Muon's per-matrix learning-rate factor: Jordan's sqrt(max(1, rows / cols))
+    ("original"), or Moonlight's 0.2 * sqrt(max(rows, cols)), the RMS of AdamW's update."""
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
+
+
 class Muon(torch.optim.Muon):
     """torch.optim.Muon that also takes stacked (E, rows, cols) expert weights, one matrix per expert.
 
     torch's constructor accepts matrices only, so the stacked tensors join afterwards as their own
-    param group (`stacked=True`); `_init_group` splits them into per-expert 2-D views, which torch's
-    update (lerp_ of the momentum, mul_/add_ of the weight) writes through in place.
+    param group (`stacked=True`), which `_step_stacked` updates with the experts batched.
     """
 
     def __init__(self, matrices: list[nn.Parameter], stacked: list[nn.Parameter], **hyper: Any):
@@ -73,8 +100,22 @@ class Muon(torch.optim.Muon):
             self.add_param_group({"params": stacked, "stacked": True})
 
     def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs) -> bool:
-        if not group.get("stacked"):
-            return super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
+        if group.get("stacked"):
+            return False  # torch's loop gets none of them: _step_stacked updates them
+        return super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            if group.get("stacked"):
+                self._step_stacked(group)
+        return loss
+
+    def _step_stacked(self, group: dict) -> None:
+        """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz, decoupled weight decay, the
+        per-matrix lr adjustment), each expert's (rows, cols) slice as one matrix."""
+        lr, momentum = float(group["lr"]), group["momentum"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -82,10 +123,11 @@ class Muon(torch.optim.Muon):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
             buf = state["momentum_buffer"]
-            params_with_grad += list(p.unbind(0))  # (rows, cols) of expert 0, 1, ...
-            grads += list(p.grad.unbind(0))
-            muon_momentum_bufs += list(buf.unbind(0))
-        return False
+            buf.lerp_(p.grad, 1 - momentum)
+            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            update = batched_newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=-lr * muon_lr_scale(group["adjust_lr_fn"], *p.shape[-2:]))
 
 
 class MuonWithAdamW:
