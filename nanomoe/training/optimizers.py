@@ -15,9 +15,8 @@ expert's matrices, and the state stays one tensor per parameter, so checkpoints 
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
