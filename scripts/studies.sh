@@ -74,6 +74,10 @@ size3()      { STUDY_ARGS="--rounds 10" study size3 budget-moe:lr=2e-3 budget-mo
 # the matrices) and 3 iterations instead of 5, against the dense twin's best.
 screen6()    { STUDY_ARGS="--rounds 10" study screen6 budget-moe:optimizer=muon budget-moe:optimizer=muon,n_experts=4 \
                  budget-moe:optimizer=muon,muon_ns_steps=3 budget-dense:optimizer=muon; }
+# The budget final (10 minutes): the sixth screening's two MoE gains combined (4 experts, 3
+# Newton-Schulz iterations) against the dense twin's best.
+budget_final() { STUDY_ARGS="--rounds 10" study budget-final budget-moe:optimizer=muon,n_experts=4,muon_ns_steps=3 \
+                   budget-dense:optimizer=muon; }
 baseline()   { study baseline tiny-moe tiny-dense; }
 optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
 lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
@@ -98,7 +102,7 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # for the dense twin).
 final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe:lr=2e-3}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
-ALL=(baseline optimizer screen screen2 screen3 screen4 size size2 screen5 size3 screen6 lr muon_lr schedule experts shared balancing regularize shape final)
+ALL=(baseline optimizer screen screen2 screen3 screen4 size size2 screen5 size3 screen6 budget_final lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 for name in "$@"; do
   "$name"
