@@ -96,3 +96,17 @@ def test_bench_peak_json_names_the_peak_and_its_source(tmp_path, monkeypatch, ca
     assert report["peak_flops"] == 4096e9 and report["source"] == "measured"
     assert report["peak_flops_by_size"] == {"1024": 1024e9, "2048": 2048e9, "4096": 4096e9}
     assert (tmp_path / "peak_flops.json").is_file()  # measured once, then cached
+
+
+def test_newton_schulz_script_times_every_expert_matrix_of_the_preset(monkeypatch, capsys):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_newton_schulz.py"
+    spec = importlib.util.spec_from_file_location("bench_newton_schulz", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr("sys.argv", ["bench_newton_schulz.py", "--presets", "debug", "--rounds", "1"])
+    script.main()
+    report = json.loads(capsys.readouterr().out)
+    # debug: 2 MoE layers, 4 experts, each with w_in (64, 256: swiglu's gate and up) and w_out (128, 64)
+    assert report["preset"] == "debug" and report["matrices"] == 2 * 2 * 4
+    assert report["shapes"] == [[64, 256], [128, 64]]
+    assert report["per_matrix_s"] > 0 and report["batched_s"] > 0
