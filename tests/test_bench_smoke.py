@@ -48,9 +48,9 @@ def test_bench_train_json_has_the_headline_keys(tmp_path, monkeypatch, capsys):
     assert set(report["peak_flops_by_size"]) == {"1024", "2048", "4096"}
 
 
-def load_benchmark(name: str, monkeypatch):
-    """research/<name>.py as a module (the scripts import their neighbours by plain name)."""
-    root = Path(__file__).resolve().parents[1] / "research"
+def load_benchmark(name: str, monkeypatch, folder: str = "research"):
+    """<folder>/<name>.py as a module (the scripts import their neighbours by plain name)."""
+    root = Path(__file__).resolve().parents[1] / folder
     monkeypatch.syspath_prepend(str(root))
     spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
@@ -99,10 +99,7 @@ def test_bench_peak_json_names_the_peak_and_its_source(tmp_path, monkeypatch, ca
 
 
 def test_newton_schulz_script_times_every_expert_matrix_of_the_preset(monkeypatch, capsys):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_newton_schulz.py"
-    spec = importlib.util.spec_from_file_location("bench_newton_schulz", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("bench_newton_schulz", monkeypatch, folder="scripts")
     monkeypatch.setattr("sys.argv", ["bench_newton_schulz.py", "--presets", "debug", "--rounds", "1"])
     script.main()
     report = json.loads(capsys.readouterr().out)
