@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 SETUP = Path(__file__).parent.parent / "scripts" / "setup.sh"
+TEST_SCRIPT = SETUP.parent / "test.sh"
 
 
 @pytest.mark.parametrize("args, env, message", [
@@ -53,3 +54,22 @@ def test_setup_keeps_an_installed_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     installs = [line for line in log.read_text().splitlines() if line.startswith("-m pip install")]
     assert len(installs) == 1 and "torch" not in installs[0]
+
+
+@pytest.mark.parametrize("dont_write", ["1", None])
+def test_the_test_script_lets_the_suites_processes_share_bytecode(tmp_path, dont_write):
+    # where Python may not write bytecode, every CLI test's process would compile torch again
+    venv, log = fake_venv(tmp_path, torch_installed=True)
+    python = venv / "bin" / "python"
+    python.write_text(python.read_text().replace(
+        'echo "$*"', 'echo "$* | ${PYTHONDONTWRITEBYTECODE-unset} ${PYTHONPYCACHEPREFIX-unset}"'))
+    env = {"PATH": "/usr/bin:/bin", "NANOMOE_VENV": str(venv)}
+    if dont_write:
+        env["PYTHONDONTWRITEBYTECODE"] = dont_write
+    proc = subprocess.run(["bash", str(TEST_SCRIPT), "-k", "some_test"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    pytest_call = log.read_text().splitlines()[-1]
+    if dont_write:
+        assert pytest_call == f"-m pytest -q -k some_test | unset {venv.resolve()}/pycache"
+    else:  # Python writes bytecode beside the modules as usual: nothing to change
+        assert pytest_call == "-m pytest -q -k some_test | unset unset"
