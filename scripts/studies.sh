@@ -86,6 +86,11 @@ screen7()    { STUDY_ARGS="--rounds 10" study screen7 budget-moe:optimizer=muon,
                  budget-moe:optimizer=muon,muon_ns_steps=3,lr=5e-3 budget-moe:optimizer=muon,muon_experts=false \
                  budget-dense:optimizer=muon \
                  budget-dense:optimizer=muon,lr=5e-3; }
+# The eighth screening (10 minutes): the budget final's question again, in one study with both
+# references (that final's measurement ran at a slow moment): 4 experts with 3 Newton-Schulz
+# iterations against 8 with 3, and the dense twin's best.
+screen8()    { STUDY_ARGS="--rounds 10" study screen8 budget-moe:optimizer=muon,muon_ns_steps=3 \
+                 budget-moe:optimizer=muon,muon_ns_steps=3,n_experts=4 budget-dense:optimizer=muon; }
 baseline()   { study baseline tiny-moe tiny-dense; }
 optimizer()  { study optimizer tiny-moe tiny-moe:optimizer=muon tiny-dense tiny-dense:optimizer=muon; }
 lr()         { study lr tiny-moe:lr=1e-3 tiny-moe:lr=6e-3 tiny-dense:lr=1e-3 tiny-dense:lr=6e-3; }
@@ -110,7 +115,7 @@ shape()      { study shape tiny-moe:seq_len=128,batch_size=32 tiny-moe:batch_siz
 # for the dense twin).
 final()      { STUDY_ARGS="--rounds 20" study final "${WINNER_MOE:-tiny-moe:lr=2e-3}" "${WINNER_DENSE:-tiny-dense:optimizer=muon}"; }
 
-ALL=(baseline optimizer screen screen2 screen3 screen4 size size2 screen5 size3 screen6 budget_final screen7 lr muon_lr schedule experts shared balancing regularize shape final)
+ALL=(baseline optimizer screen screen2 screen3 screen4 size size2 screen5 size3 screen6 budget_final screen7 screen8 lr muon_lr schedule experts shared balancing regularize shape final)
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 for name in "$@"; do
   "$name"

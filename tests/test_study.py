@@ -107,13 +107,13 @@ def test_every_study_in_the_search_script_is_a_valid_set_of_runs(data_dir, tmp_p
     def sets(call):  # the --set values common to a study's runs
         return [call[i + 1] for i, word in enumerate(call) if word == "--set"]
 
-    assert len(calls) == 22 and all(c[0] == "study" for c in calls)
+    assert len(calls) == 23 and all(c[0] == "study" for c in calls)
     minutes = {call[call.index("--out") + 1].split("/")[-1].rsplit("-", 1)[0]: call[call.index("--minutes") + 1]
                for call in calls}
     screening_names = ("screen-5min", "screen2-5min", "screen3-5min", "screen4-5min", "screen5-5min")
     screenings = {minutes[name] for name in screening_names}
     assert screenings == {"5"}  # the screenings' own budget; the size studies and the final at the issue's
-    assert minutes["final-10min"] == minutes["size-10min"] == minutes["size2-10min"] == minutes["size3-10min"] == minutes["screen6-10min"] == minutes["budget-final-10min"] == minutes["screen7-10min"] == "10"
+    assert minutes["final-10min"] == minutes["size-10min"] == minutes["size2-10min"] == minutes["size3-10min"] == minutes["screen6-10min"] == minutes["budget-final-10min"] == minutes["screen7-10min"] == minutes["screen8-10min"] == "10"
     final = next(call for call in calls if "/final-" in call[call.index("--out") + 1])
     assert final[final.index("--rounds") + 1] == "20"
     for call in calls:
