@@ -84,8 +84,7 @@ budget_final() { STUDY_ARGS="--rounds 10" study budget-final budget-moe:optimize
 # attention only (its experts' Newton-Schulz is most of what Muon costs it; AdamW trains the experts).
 screen7()    { STUDY_ARGS="--rounds 10" study screen7 budget-moe:optimizer=muon,muon_ns_steps=3 \
                  budget-moe:optimizer=muon,muon_ns_steps=3,lr=5e-3 budget-moe:optimizer=muon,muon_experts=false \
-                 budget-dense:optimizer=muon \
-                 budget-dense:optimizer=muon,lr=5e-3; }
+                 budget-dense:optimizer=muon budget-dense:optimizer=muon,lr=5e-3; }
 # The eighth screening (10 minutes): the budget final's question again, in one study with both
 # references (that final's measurement ran at a slow moment): 4 experts with 3 Newton-Schulz
 # iterations against 8 with 3, and the dense twin's best.
